@@ -1,0 +1,170 @@
+"""LoRA: target selection, adapter init, the trainable predicate, tree splitting, merging.
+
+The adapter of a kernel W [in, out] is `lora_a` [in, r] (PEFT's kaiming-uniform init) and `lora_b`
+[r, out] (zeros), stored next to the kernel; the model adds `scaling * dropout(x) a b`. Embedding
+adapters follow PEFT (`lora_a` [V, r] zeros, `lora_b` [r, D] normal). Scanned layers carry a
+leading layer axis L on both.
+
+Trainable vs frozen is ONE predicate over parameter paths (`is_trainable`): optimizer labels,
+the train/frozen split, adapter-only checkpoints and exports all derive from it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models.llama import ALL_TARGETS, LINEAR_TARGETS, LoRAConfig, ModelConfig, abstract_params, lora_a_init
+
+LORA_LEAVES = ("lora_a", "lora_b")
+_SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+                "up": "up_proj", "down": "down_proj", "embed": "embed_tokens", "head": "lm_head"}
+
+Path = tuple[str, ...]
+
+
+def parse_targets(spec: str | Iterable[str]) -> tuple[str, ...]:
+    """'q,v' / 'q_proj,v_proj' / 'all-linear' / 'all' / a tuple -> canonical HF module names."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    targets: list[str] = []
+    for name in names:
+        expanded = {"all-linear": LINEAR_TARGETS, "all": ALL_TARGETS}.get(name, (_SHORT_NAMES.get(name, name),))
+        for target in expanded:
+            if target not in ALL_TARGETS:
+                raise ValueError(f"lora.targets: unknown module {name!r}; choose from {', '.join(ALL_TARGETS)} "
+                                 f"(or q,k,v,o,gate,up,down,embed,head, 'all-linear', 'all')")
+            if target not in targets:
+                targets.append(target)
+    if not targets:
+        raise ValueError("lora.targets is empty: name at least one module, e.g. --config.lora.targets=all-linear")
+    return tuple(targets)
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets, rslora: bool) -> LoRAConfig:
+    if rank < 1:
+        raise ValueError(f"lora.rank={rank}: the rank must be >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora.dropout={dropout}: must be in [0, 1)")
+    return LoRAConfig(rank=int(rank), alpha=float(alpha), dropout=float(dropout),
+                      targets=parse_targets(targets), rslora=bool(rslora))
+
+
+def path_of(key_path) -> Path:
+    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in key_path)
+
+
+def is_lora_path(path: Path) -> bool:
+    return path[-1] in LORA_LEAVES
+
+
+def is_trainable(path: Path, full_finetune: bool) -> bool:
+    """THE predicate: full fine-tuning trains everything; LoRA trains only adapter leaves."""
+    return full_finetune or is_lora_path(path)
+
+
+def trainable_labels(params, full_finetune: bool):
+    """Tree of 'trainable' / 'frozen' labels for optax.multi_transform."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: "trainable" if is_trainable(path_of(kp), full_finetune) else "frozen", params)
+
+
+def _filter(tree: dict, keep, prefix: Path = ()) -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            sub = _filter(value, keep, prefix + (key,))
+            if sub:
+                out[key] = sub
+        elif keep(prefix + (key,)):
+            out[key] = value
+    return out
+
+
+def split_trainable(params: dict, full_finetune: bool) -> tuple[dict, dict]:
+    """params -> (trainable subtree, frozen subtree); `merge_trees` puts them back together."""
+    trainable = _filter(params, lambda p: is_trainable(p, full_finetune))
+    frozen = _filter(params, lambda p: not is_trainable(p, full_finetune))
+    return trainable, frozen
+
+
+def merge_trees(*trees: dict) -> dict:
+    """Union of nested dicts with disjoint leaves."""
+    out: dict = {}
+    for tree in trees:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out[key] = merge_trees(out.get(key, {}), value)
+            elif key in out:
+                raise ValueError(f"leaf {key!r} present in two trees")
+            else:
+                out[key] = value
+    return out
+
+
+def adapter_shapes(cfg: ModelConfig) -> dict:
+    """ShapeDtypeStruct tree of only the LoRA leaves of `cfg` (which must have cfg.lora set)."""
+    return _filter(abstract_params(cfg), is_lora_path)
+
+
+def init_adapters(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Fresh adapters for cfg.lora: linear a ~ PEFT kaiming-uniform, b = 0; embedding a = 0, b ~ N(0, 1)."""
+    shapes = adapter_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(rng, len(flat))
+
+    def init_leaf(path: Path, leaf, key):
+        is_embedding = path[:2] == ("model", "embed_tokens")
+        if path[-1] == "lora_a" and not is_embedding:
+            # lora_a_init expects [in, r]; scanned leaves carry a leading layer axis.
+            return jax.vmap(lambda k: lora_a_init(k, leaf.shape[-2:], leaf.dtype))(
+                jax.random.split(key, leaf.shape[0])) if len(leaf.shape) == 3 else lora_a_init(key, leaf.shape, leaf.dtype)
+        if path[-1] == "lora_b" and is_embedding:
+            return jax.random.normal(key, leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    leaves = [init_leaf(path_of(kp), leaf, key) for (kp, leaf), key in zip(flat, keys)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def lora_delta(a, b, scaling: float):
+    """scaling * a b in float32, for [in, r] x [r, out] or stacked [L, in, r] x [L, r, out]."""
+    return scaling * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """Fold every adapter into its base weight (float32, then cast back) -> (base params, cfg).
+
+    A tied model with an lm_head adapter cannot hold E + d_embed and E^T + d_head in one matrix:
+    the result is untied (lm_head kernel written separately, tie_word_embeddings False).
+    """
+    if cfg.lora is None:
+        return params, cfg
+    scaling = cfg.lora.scaling
+    base, adapters = split_trainable(params, full_finetune=False)[1], _filter(params, is_lora_path)
+    merged = jax.tree_util.tree_map(lambda x: x, base)
+    untie = cfg.tie_word_embeddings and "lm_head" in adapters
+    if untie:
+        embedding = base["model"]["embed_tokens"]["embedding"]
+        merged["lm_head"] = {"kernel": embedding.T}
+
+    def fold(node: dict, adapter: dict):
+        for key, sub in adapter.items():
+            if "lora_a" in sub:
+                weight_key = "embedding" if "embedding" in node[key] else "kernel"
+                weight = node[key][weight_key]
+                node[key][weight_key] = (weight.astype(jnp.float32)
+                                         + lora_delta(sub["lora_a"], sub["lora_b"], scaling)).astype(weight.dtype)
+            else:
+                fold(node[key], sub)
+
+    # The tied head's adapter is folded into the untied copy; the embedding keeps only its own.
+    fold(merged, adapters)
+    return merged, cfg.replace(lora=None, tie_word_embeddings=cfg.tie_word_embeddings and not untie)
+
+
+def count_params(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))

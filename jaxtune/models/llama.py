@@ -1,0 +1,400 @@
+"""Flax (linen) port of the Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+
+One implementation with options (q/k/v bias, q/k RMSNorm, tied embeddings, RoPE scaling, sliding
+window, grouped-query attention). Module and parameter names follow the Hugging Face module path
+(`model.layers.N.self_attn.q_proj` ...), so loading is a table of renames and transposes
+(jaxtune/hf.py). Layers are stacked with `nn.scan`: compile time does not grow with depth, and every
+leaf under `model/layers` carries a leading layer axis L.
+
+LoRA adapters live next to the kernel they adapt (`lora_a [in, r]`, `lora_b [r, out]`):
+    y = x W + scaling * dropout(x) a b           (never materialises W + a b)
+Embedding LoRA follows PEFT's lora_embedding_A/B: `y = E[x] + scaling * a[x] b`.
+
+Shapes: B batch, T query length, S key length (T, or the cache length when decoding), D hidden,
+H query heads, K kv heads, G = H / K, Dh head dim, F mlp width, V vocab, L layers, r LoRA rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = LINEAR_TARGETS + ("embed_tokens", "lm_head")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter settings the model needs to build its LoRA params."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LINEAR_TARGETS
+    rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one Llama-family model (read from an HF config.json by jaxtune.hf)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # frozen dict items
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v; Llama `attention_bias`: also o
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    sliding_window: int | None = None
+    architecture: str = "LlamaForCausalLM"
+    # Numerics and memory, chosen by the run config rather than the checkpoint.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    lora: LoRAConfig | None = None
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any]:
+        return dict(self.rope_scaling or ())
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Per-pair inverse frequencies [Dh/2], with HF's 'default', 'linear' and 'llama3' scaling."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    scaling = cfg.rope_scaling_dict
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling.get("low_freq_factor", 1.0)
+        high_freq_factor = scaling.get("high_freq_factor", 4.0)
+        old_context = scaling.get("original_max_position_embeddings", 8192)
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
+
+
+def apply_rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in HF's rotate-half layout, computed in float32."""
+    angles_BxTxDh2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(jnp.concatenate([angles_BxTxDh2] * 2, axis=-1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles_BxTxDh2] * 2, axis=-1))[:, :, None, :]
+    x = x_BxTxNxDh.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxDh.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def lora_a_init(key, shape, dtype):
+    """PEFT's kaiming_uniform_(a=sqrt(5)) on lora_A [r, in]: U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Linear(nn.Module):
+    """Dense layer with kernel [in, out], optional bias and optional LoRA adapter."""
+
+    features: int
+    use_bias: bool
+    lora: LoRAConfig | None
+    dtype: Any
+    param_dtype: Any
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None:
+            a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), self.param_dtype)
+            b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), self.param_dtype)
+            x_dropped = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
+            y = y + (x_dropped.astype(self.dtype) @ a.astype(self.dtype)) @ b.astype(self.dtype) * self.lora.scaling
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding [V, D] with optional PEFT-style embedding LoRA; `attend` for tied heads."""
+
+    vocab_size: int
+    features: int
+    lora: LoRAConfig | None
+    dtype: Any
+    param_dtype: Any
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.initializers.normal(0.02), (self.vocab_size, self.features), self.param_dtype
+        )
+        if self.lora is not None:
+            self.lora_a = self.param("lora_a", nn.initializers.zeros, (self.vocab_size, self.lora.rank), self.param_dtype)
+            self.lora_b = self.param("lora_b", nn.initializers.normal(1.0), (self.lora.rank, self.features), self.param_dtype)
+
+    def __call__(self, tokens_BxT):
+        x = jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.dtype)
+        if self.lora is not None:
+            x_a = jnp.take(self.lora_a, tokens_BxT, axis=0).astype(self.dtype)
+            x = x + (x_a @ self.lora_b.astype(self.dtype)) * self.lora.scaling
+        return x
+
+    def attend(self, h_BxTxD):
+        """Tied output projection h E^T (the base embedding only; a tied lm_head LoRA is added apart)."""
+        return jnp.dot(h_BxTxD, self.embedding.astype(self.dtype).T)
+
+
+class TiedHeadLoRA(nn.Module):
+    """LoRA delta of a tied lm_head: scaling * dropout(h) a b, a [D, r], b [r, V]."""
+
+    vocab_size: int
+    lora: LoRAConfig
+    dtype: Any
+    param_dtype: Any
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h_BxTxD):
+        a = self.param("lora_a", lora_a_init, (h_BxTxD.shape[-1], self.lora.rank), self.param_dtype)
+        b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.vocab_size), self.param_dtype)
+        h = nn.Dropout(self.lora.dropout)(h_BxTxD, deterministic=self.deterministic)
+        return (h.astype(self.dtype) @ a.astype(self.dtype)) @ b.astype(self.dtype) * self.lora.scaling
+
+
+def lora_for(cfg: ModelConfig, target: str) -> LoRAConfig | None:
+    return cfg.lora if cfg.lora is not None and target in cfg.lora.targets else None
+
+
+def attention_mask(q_slots_BxT, q_segments_BxT, k_slots_BxS, k_segments_BxS, sliding_window):
+    """[B, 1, T, S] bool: causal by slot, same segment, never a pad key (segment 0)."""
+    causal = k_slots_BxS[:, None, :] <= q_slots_BxT[:, :, None]
+    same_segment = q_segments_BxT[:, :, None] == k_segments_BxS[:, None, :]
+    mask = causal & same_segment & (k_segments_BxS[:, None, :] != 0)
+    if sliding_window is not None:
+        mask &= (q_slots_BxT[:, :, None] - k_slots_BxS[:, None, :]) < sliding_window
+    return mask[:, None, :, :]
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segments_BxT, layer_cache, cache_index):
+        cfg = self.cfg
+        dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
+        B, T, _ = x_BxTxD.shape
+        H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def proj(name, features, bias):
+            return Linear(features, bias, lora_for(cfg, name), dtype, pdtype, self.deterministic, name=name)
+
+        q_BxTxHxDh = proj("q_proj", H * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, H, Dh)
+        k_BxTxKxDh = proj("k_proj", K * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, K, Dh)
+        v_BxTxKxDh = proj("v_proj", K * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, K, Dh)
+        if cfg.qk_norm:
+            q_BxTxHxDh = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="q_norm")(q_BxTxHxDh)
+            k_BxTxKxDh = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="k_norm")(k_BxTxKxDh)
+        inv_freq = rope_inverse_frequencies(cfg)
+        q_BxTxHxDh = apply_rope(q_BxTxHxDh, positions_BxT, inv_freq)
+        k_BxTxKxDh = apply_rope(k_BxTxKxDh, positions_BxT, inv_freq)
+
+        q_slots_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if layer_cache is None:
+            keys, values, k_slots, k_segments = k_BxTxKxDh, v_BxTxKxDh, q_slots_BxT, segments_BxT
+            new_cache = None
+        else:
+            # Write this chunk at [cache_index, cache_index + T) and attend over the whole cache.
+            keys = jax.lax.dynamic_update_slice(layer_cache["k"], k_BxTxKxDh.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
+            values = jax.lax.dynamic_update_slice(layer_cache["v"], v_BxTxKxDh.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+            k_segments = jax.lax.dynamic_update_slice(layer_cache["segments"], segments_BxT, (0, cache_index))
+            S = keys.shape[1]
+            k_slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            q_slots_BxT = q_slots_BxT + cache_index
+            new_cache = {"k": keys, "v": values, "segments": k_segments}
+
+        mask = attention_mask(q_slots_BxT, segments_BxT, k_slots, k_segments, cfg.sliding_window)
+        out_BxTxHxDh = jax.nn.dot_product_attention(
+            q_BxTxHxDh, keys.astype(dtype), values.astype(dtype), mask=mask, scale=1.0 / math.sqrt(Dh)
+        )
+        out = proj("o_proj", cfg.hidden_size, cfg.o_bias)(out_BxTxHxDh.reshape(B, T, H * Dh))
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.cfg
+        dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
+
+        def proj(name, features):
+            return Linear(features, cfg.mlp_bias, lora_for(cfg, name), dtype, pdtype, self.deterministic, name=name)
+
+        gate_BxTxF = proj("gate_proj", cfg.intermediate_size)(x_BxTxD)
+        up_BxTxF = proj("up_proj", cfg.intermediate_size)(x_BxTxD)
+        return proj("down_proj", cfg.hidden_size)(nn.silu(gate_BxTxF) * up_BxTxF)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; written as a scan body: (h, per-layer cache) -> (h, new per-layer cache)."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h_BxTxD, positions_BxT, segments_BxT, cache_index, layer_cache):
+        cfg = self.cfg
+        dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
+        normed = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(h_BxTxD)
+        attn_out, new_cache = Attention(cfg, self.deterministic, name="self_attn")(
+            normed, positions_BxT, segments_BxT, layer_cache, cache_index
+        )
+        h_BxTxD = h_BxTxD + attn_out
+        normed = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(h_BxTxD)
+        h_BxTxD = h_BxTxD + MLP(cfg, self.deterministic, name="mlp")(normed)
+        return h_BxTxD, new_cache
+
+
+def remat_policy(name: str):
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    }
+    if name not in policies:
+        raise ValueError(f"model.remat={name!r}: choose one of {REMAT_POLICIES}")
+    return policies[name]
+
+
+class Decoder(nn.Module):
+    """`model` in HF naming: embed_tokens, scanned layers, final norm."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, segments_BxT, cache, cache_index):
+        cfg = self.cfg
+        dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, lora_for(cfg, "embed_tokens"), dtype, pdtype, name="embed_tokens")
+        h_BxTxD = embed(tokens_BxT)
+
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=remat_policy(cfg.remat))
+        layers = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=cfg.num_layers,
+        )(cfg, self.deterministic, name="layers")
+        h_BxTxD, new_cache = layers(h_BxTxD, positions_BxT, segments_BxT, cache_index, cache)
+        h_BxTxD = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="norm")(h_BxTxD)
+        return h_BxTxD, new_cache, embed
+
+
+class Llama(nn.Module):
+    """Causal LM. Returns (logits [B, T, V] float32, new KV cache or None).
+
+    cache: None (training / scoring) or a dict from `init_cache` whose `k`/`v` are [L, B, S, K, Dh]
+    and `segments` is [L, B, S]; `cache_index` (int32 scalar) is where this call's T tokens are
+    written. Query row t attends to cache slots <= cache_index + t of its own segment.
+    """
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, segments_BxT, cache=None, cache_index=0):
+        cfg = self.cfg
+        dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        h_BxTxD, new_cache, embed = Decoder(cfg, self.deterministic, name="model")(
+            tokens_BxT, positions_BxT, segments_BxT, cache, cache_index
+        )
+        head_lora = lora_for(cfg, "lm_head")
+        if cfg.tie_word_embeddings:
+            logits_BxTxV = embed.attend(h_BxTxD)
+            if head_lora is not None:  # params under 'lm_head' although the kernel is the tied embedding
+                logits_BxTxV += TiedHeadLoRA(cfg.vocab_size, head_lora, dtype, pdtype, self.deterministic, name="lm_head")(h_BxTxD)
+        else:
+            logits_BxTxV = Linear(cfg.vocab_size, False, head_lora, dtype, pdtype, self.deterministic, name="lm_head")(h_BxTxD)
+        return logits_BxTxV.astype(jnp.float32), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    """Empty KV cache: k/v [L, B, S, K, Dh] in the compute dtype, segments [L, B, S] (0 = empty)."""
+    dtype = dtype or DTYPES[cfg.compute_dtype]
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segments": jnp.zeros((cfg.num_layers, batch_size, max_len), jnp.int32),
+    }
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """Shape/dtype tree of the params (jax.ShapeDtypeStruct leaves), without allocating anything."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), tokens, tokens, tokens + 1))
+    return variables["params"]

@@ -1,0 +1,66 @@
+"""Shared fixtures: 8 simulated CPU devices, tiny random HF models of every supported family."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib
+
+import pytest
+
+# Small shapes that still exercise GQA (4 query heads over 2 kv heads), several layers and a
+# head_dim different from hidden / heads where the family allows it.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+FAMILIES = {
+    "llama2": ("LlamaConfig", dict(rope_theta=10000.0)),
+    "llama3.1": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    "llama3.2-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    "llama-attn-bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True)),
+    "smollm2": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=100000.0)),
+}
+
+
+def build_tiny_hf_model(family: str, out_dir: pathlib.Path, seed: int = 0):
+    """Random-weight HF PyTorch model of `family`, saved with save_pretrained (safetensors)."""
+    import torch
+    import transformers
+
+    config_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Random (not default-initialised) norms and biases, so that a wrong mapping cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> (folder, HF torch model), built once per session."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(family.replace(".", "_"))
+            cache[family] = (folder, build_tiny_hf_model(family, folder))
+        return cache[family]
+
+    return get

@@ -1,0 +1,59 @@
+"""LoRA adapters: init semantics, targets, merge exactness (tied and untied heads)."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtune import api, lora
+from jaxtune.models.llama import ALL_TARGETS, LINEAR_TARGETS
+
+
+def randomize_b(adapters, seed=0):
+    """Adapters whose b (and embedding a) are non-zero, so that the delta is visible."""
+    leaves, treedef = jax.tree_util.tree_flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [0.05 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def test_parse_targets():
+    assert lora.parse_targets("q,v") == ("q_proj", "v_proj")
+    assert lora.parse_targets("all-linear") == LINEAR_TARGETS
+    assert lora.parse_targets(("all",)) == ALL_TARGETS
+    with pytest.raises(ValueError, match="unknown module 'qq'"):
+        lora.parse_targets("qq")
+    with pytest.raises(ValueError, match="empty"):
+        lora.parse_targets(" , ")
+    with pytest.raises(ValueError, match="rank"):
+        lora.lora_config(0, 16, 0.0, "q", False)
+
+
+@pytest.mark.parametrize("family", ["smollm2", "qwen2"])  # tied and untied heads
+def test_fresh_adapters_leave_the_model_unchanged_and_merge_is_exact(tiny_models, family):
+    folder, _ = tiny_models(family)
+    model = api.load(str(folder), with_tokenizer=False)
+    cfg = lora.lora_config(4, 8.0, 0.0, "all", rslora=family == "qwen2")
+    adapters = lora.init_adapters(model.cfg.replace(lora=cfg), jax.random.key(1))
+    tokens = [[5, 9, 12, 200, 3], [7, 7, 1]]
+    base = api.logits(model, tokens)
+    fresh = api.logits(model, tokens, params=lora.merge_trees(model.params, adapters), lora=cfg)
+    np.testing.assert_allclose(fresh, base, atol=1e-6)  # b = 0 (linear) and a = 0 (embedding)
+
+    trained = randomize_b(adapters)
+    with_adapters = api.logits(model, tokens, params=lora.merge_trees(model.params, trained), lora=cfg)
+    assert np.abs(with_adapters - base).max() > 1e-2
+    merged, merged_cfg = lora.merge_adapters(lora.merge_trees(model.params, trained), model.cfg.replace(lora=cfg))
+    assert not merged_cfg.tie_word_embeddings and "kernel" in merged["lm_head"]
+    merged_model = api.LoadedModel(merged_cfg, merged, None, folder)
+    np.testing.assert_allclose(api.logits(merged_model, tokens), with_adapters, atol=1e-4)
+
+
+def test_split_and_predicate(tiny_models):
+    model = api.load(str(tiny_models("llama2")[0]), with_tokenizer=False)
+    cfg = model.cfg.replace(lora=lora.lora_config(2, 4, 0.0, "q,v", False))
+    params = lora.merge_trees(model.params, lora.init_adapters(cfg, jax.random.key(0)))
+    trainable, frozen = lora.split_trainable(params, full_finetune=False)
+    assert set(trainable["model"]["layers"]["self_attn"]) == {"q_proj", "v_proj"}
+    assert lora.count_params(trainable) == 3 * (64 * 2 + 2 * 64 + 64 * 2 + 2 * 32)
+    assert lora.count_params(frozen) == lora.count_params(model.params)
+    all_trainable, none_frozen = lora.split_trainable(params, full_finetune=True)
+    assert none_frozen == {} and lora.count_params(all_trainable) == lora.count_params(params)
