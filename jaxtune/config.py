@@ -1,0 +1,219 @@
+"""Config schema (every key with its default and meaning) and validation before any compute.
+
+Config files in configs/ start from `base_config()` and change what they need; every key can be
+overridden on the command line (`--config.lora.rank=16`). The schema is locked: an unknown key,
+from a file or an override, is an error that names the key and the nearest valid ones.
+`validate(config, num_devices)` checks values and combinations and raises one `ConfigError`
+listing every problem, before the model or data are touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+import ml_collections
+
+from jaxtune.models.llama import DTYPES, REMAT_POLICIES
+
+SCHEDULES = ("cosine", "linear", "constant")
+FORMATS = ("auto", "messages", "prompt_completion", "text")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem and how to fix it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys jaxtune understands, with defaults from practice (LoRA: PEFT/torchtune defaults)."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "smollm2-135m-instruct"  # HF folder, hub id, or built-in alias
+    c.model.revision = ""  # hub revision (branch, tag or commit), '' = default
+    c.model.dtype = "float32"  # parameter dtype
+    c.model.compute_dtype = "float32"  # activation/matmul dtype (bfloat16 on GPU/TPU)
+    c.model.remat = "none"  # none | full | dots | dots_no_batch (rematerialisation per layer)
+    c.model.allow_pickle = False  # allow pickled pytorch_model.bin weights (runs pickle!)
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = True  # False = full fine-tuning (every parameter trained)
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.05
+    c.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,embed_tokens,lm_head"
+    c.lora.rslora = False  # scaling alpha/sqrt(r) instead of alpha/r
+    c.lora.init_from = ""  # start from an existing PEFT adapter folder
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "task:viggo"  # JSONL path, `hf:NAME[:CONFIG]:SPLIT`, or `task:NAME` (bundled)
+    c.data.eval = "task:viggo"  # same forms; '' = no eval set. `task:NAME` uses its validation split
+    c.data.format = "auto"  # auto | messages | prompt_completion | text
+    c.data.template = "auto"  # auto = the tokenizer's chat template; none = raw concatenation
+    c.data.max_len = 512  # tokens per example (longer ones are truncated and counted)
+    c.data.drop_long = False  # drop over-long examples instead of truncating them
+    c.data.packing = False  # pack several examples per row (segment ids; no cross-attention)
+    c.data.mask_prompt = True  # loss only on assistant tokens (their end-of-turn token included)
+    c.data.add_tokens = ""  # comma-separated new special tokens added to the tokenizer
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.schedule = "cosine"  # cosine | linear | constant, after a linear warmup
+    c.optim.warmup_steps = 10
+    c.optim.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio (cosine / linear)
+    c.optim.weight_decay = 0.0  # AdamW decoupled weight decay (not on norms, biases, embeddings)
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0  # global gradient-norm clipping; 0 = off
+    c.optim.grad_accum = 1  # micro-batches per optimizer step
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 8  # examples (rows) per optimizer step, over all devices and micro-batches
+    c.train.steps = 100  # optimizer steps (ignored when epochs > 0)
+    c.train.epochs = 0.0  # > 0: train this many passes over the data instead of `steps`
+    c.train.seed = 0
+    c.train.log_every = 5
+    c.train.eval_every = 50  # 0 = only at the end
+    c.train.eval_batches = 0  # 0 = the whole eval set
+    c.train.task = "viggo"  # bundled task scored by generation before and after training; '' = none
+    c.train.task_examples = 48  # test examples scored
+    c.train.task_max_new_tokens = 64
+    c.train.progress = True  # progress bar on the terminal
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = "1,-1,1"  # (data, fsdp, tensor); one -1 takes the remaining devices
+    c.mesh.rules = ""  # extra logical->mesh rules 'embed=fsdp,mlp=tensor'; '' = defaults
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 50  # steps between checkpoints (and always at the end); 0 = only at the end
+    c.checkpoint.keep = 2  # last K checkpoints kept (plus the best by eval loss)
+    c.checkpoint.keep_best = True
+    c.checkpoint.async_save = True
+    return c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config.lock()
+    return config
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in (config.items() if hasattr(config, "items") else []):
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+    """Every key of `config` exists in the schema (catches typos in config files)."""
+    known = flatten(base_config())
+    unknown = [k for k in flatten(config) if k not in known]
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=3)
+            lines.append(f"unknown config key {key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError("\n".join(lines))
+
+
+def parse_mesh_shape(shape: Any) -> tuple[int, int, int]:
+    if isinstance(shape, str):
+        try:
+            dims = tuple(int(s) for s in shape.replace("(", "").replace(")", "").split(",") if s.strip())
+        except ValueError:
+            raise ConfigError(f"mesh.shape={shape!r}: expected three integers 'data,fsdp,tensor', e.g. 1,-1,1") from None
+    else:
+        dims = tuple(int(s) for s in shape)
+    if len(dims) != 3:
+        raise ConfigError(f"mesh.shape={shape!r}: expected three sizes (data, fsdp, tensor), e.g. 1,-1,1")
+    return dims  # type: ignore[return-value]
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise one ConfigError listing every problem of `config` (values and combinations)."""
+    from jaxtune import lora as lora_lib
+
+    check_known_keys(config)
+    problems: list[str] = []
+
+    def need(ok: bool, message: str):
+        if not ok:
+            problems.append(message)
+
+    m, lo, d, o, t = config.model, config.lora, config.data, config.optim, config.train
+    need(bool(m.path), "model.path is empty: set it to an HF folder, a hub id or smollm2-135m-instruct")
+    need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {', '.join(DTYPES)}")
+    need(m.compute_dtype in DTYPES, f"model.compute_dtype={m.compute_dtype!r}: choose one of {', '.join(DTYPES)}")
+    need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    if lo.enabled:
+        try:
+            lora_lib.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora)
+        except ValueError as e:
+            problems.append(str(e))
+        need(lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0")
+    need(bool(d.train), "data.train is empty: give a JSONL file, hf:NAME:SPLIT or task:NAME")
+    need(d.format in FORMATS, f"data.format={d.format!r}: choose one of {', '.join(FORMATS)}")
+    need(d.template in ("auto", "none"), f"data.template={d.template!r}: choose auto or none")
+    need(d.max_len >= 8, f"data.max_len={d.max_len}: must be at least 8 tokens")
+    need(o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
+    need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+    need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
+    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    need(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm}: must be >= 0 (0 = off)")
+    need(o.grad_accum >= 1, f"optim.grad_accum={o.grad_accum}: must be >= 1")
+    need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
+    need(t.steps >= 1 or t.epochs > 0, "train.steps must be >= 1 (or set train.epochs > 0)")
+    if o.grad_accum >= 1 and t.batch_size % o.grad_accum:
+        problems.append(f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum={o.grad_accum}: "
+                        f"each micro-batch must hold the same number of rows")
+    try:
+        mesh = parse_mesh_shape(config.mesh.shape)
+    except ConfigError as e:
+        problems.append(str(e))
+        mesh = None
+    if mesh is not None:
+        problems.extend(_mesh_problems(mesh, num_devices, t.batch_size // max(o.grad_accum, 1)))
+    need(config.checkpoint.every >= 0, f"checkpoint.every={config.checkpoint.every}: must be >= 0")
+    need(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep}: must be >= 1")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _mesh_problems(mesh: tuple[int, int, int], num_devices: int | None, micro_batch: int) -> list[str]:
+    problems = []
+    if sum(1 for s in mesh if s == -1) > 1 or any(s == 0 or s < -1 for s in mesh):
+        return [f"mesh.shape={mesh}: sizes must be >= 1, with at most one -1"]
+    if num_devices is None:
+        return problems
+    fixed = 1
+    for s in mesh:
+        fixed *= s if s != -1 else 1
+    if num_devices % fixed or (-1 not in mesh and fixed != num_devices):
+        problems.append(f"mesh.shape={','.join(map(str, mesh))} needs {fixed} devices but {num_devices} are "
+                        f"available: try --config.mesh.shape=1,{num_devices},1 (FSDP) or "
+                        f"{num_devices},1,1 (data parallel)")
+        return problems
+    sizes = [s if s != -1 else num_devices // fixed for s in mesh]
+    batch_shards = sizes[0] * sizes[1]
+    if micro_batch % batch_shards:
+        problems.append(f"the micro-batch of {micro_batch} rows (train.batch_size / optim.grad_accum) cannot be "
+                        f"split over data x fsdp = {batch_shards} devices: make it a multiple of {batch_shards}")
+    return problems
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """A saved config.json -> ConfigDict on top of the current schema (new keys keep defaults)."""
+    config = base_config()
+    config.update_from_flattened_dict(flatten(json.loads(text)))
+    return config

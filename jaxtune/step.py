@@ -1,0 +1,71 @@
+"""Pure train and eval steps. The loss is token-normalised over the whole (accumulated) batch.
+
+    loss = sum over every micro-batch of CE(target) * loss_mask  /  sum of loss_mask over them all
+
+Gradient accumulation scans over micro-batches, summing un-normalised gradients and target-token
+counts, and divides once at the end: k micro-batches give the same update as one batch k times
+larger. Only the trainable subtree is differentiated: frozen weights are a constant argument and
+have neither gradients nor optimizer buffers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtune.lora import merge_trees
+from jaxtune.models.llama import Llama, ModelConfig
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+
+
+def summed_loss(trainable, frozen, batch, cfg: ModelConfig, rng, deterministic: bool):
+    """(sum of masked CE, number of target tokens) for one micro-batch of [B, T] arrays."""
+    params = merge_trees(trainable, frozen)
+    logits_BxTxV, _ = Llama(cfg, deterministic=deterministic).apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs={"dropout": rng})
+    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+    mask_BxT = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+def split_micro_batches(batch, num_micro: int):
+    """[B, T] -> [num_micro, B / num_micro, T] (rows strided so each micro-batch spans all shards)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def train_step(state, frozen, batch, *, cfg: ModelConfig, tx: optax.GradientTransformation, grad_accum: int):
+    """One optimizer step. state = {step, params (trainable), opt_state, rng}; returns (state, metrics)."""
+    rng, step_rng = jax.random.split(state["rng"])
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    micro = split_micro_batches(batch, grad_accum)
+    micro_rngs = jax.random.split(step_rng, grad_accum)
+
+    def accumulate(carry, xs):
+        grads_sum, loss_sum, tokens = carry
+        micro_batch, micro_rng = xs
+        (loss, n), grads = grad_fn(state["params"], frozen, micro_batch, cfg, micro_rng, False)
+        grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
+        return (grads_sum, loss_sum + loss, tokens + n), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+    (grads_sum, loss_sum, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, micro_rngs))
+    denominator = jnp.maximum(tokens, 1.0)
+    grads = jax.tree_util.tree_map(lambda g, p: (g / denominator).astype(p.dtype), grads_sum, state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss_sum / denominator, "target_tokens": tokens, "grad_norm": optax.tree.norm(grads)}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
+    return new_state, metrics
+
+
+def eval_step(trainable, frozen, batch, *, cfg: ModelConfig):
+    """(sum of masked CE, target tokens) of one eval batch, dropout off."""
+    return summed_loss(trainable, frozen, batch, cfg, jax.random.key(0), True)
+
+
+def init_state(trainable, tx: optax.GradientTransformation, seed: int):
+    return {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable),
+            "rng": jax.random.key(seed)}

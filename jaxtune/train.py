@@ -1,0 +1,400 @@
+"""`python -m jaxtune.train`: fine-tune with LoRA or all parameters, from one config.
+
+    python -m jaxtune.train --config=configs/lora_llama.py
+    python -m jaxtune.train --config=configs/full_llama.py --workdir=runs/full
+    python -m jaxtune.train --config=configs/lora_llama.py --config.lora.rank=16 --config.data.train=my.jsonl
+
+`run(config, workdir)` is the whole job, in sections that follow the data flow:
+config -> data -> model -> state -> step -> loop -> artifacts. Rerunning the same command on the
+same workdir resumes from its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxtune import checkpoint, evaluate, hf, lora, optim, sharding, step, tasks
+from jaxtune import config as config_lib
+from jaxtune import data as data_lib
+from jaxtune.api import LoadedModel, load_tokenizer
+from jaxtune.models.llama import ModelConfig
+
+log = logging.getLogger("jaxtune")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN loss, ...); what is saved stays saved."""
+
+
+# ============================================================================================
+# Config
+
+
+def resolve_data_spec(spec: str, split: str) -> str:
+    """`task:NAME` -> the bundled JSONL of that task's split; other specs pass through."""
+    if not spec.startswith("task:"):
+        return spec
+    from jaxtune import tasks
+
+    return ",".join(str(tasks.data_file(name, split)) for name in spec[len("task:"):].split("+"))
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    if config.train.epochs > 0:
+        return max(1, math.ceil(config.train.epochs * steps_per_epoch))
+    return int(config.train.steps)
+
+
+def model_config(config: ml_collections.ConfigDict, folder: pathlib.Path) -> ModelConfig:
+    adapter = None
+    if config.lora.enabled:
+        lo = config.lora
+        adapter = lora.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora)
+    return hf.model_config_from_hf(folder, param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
+                                   remat=config.model.remat, lora=adapter)
+
+
+# ============================================================================================
+# Metrics
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard events in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(workdir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, kind: str, step_num: int, values: dict):
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step_num, "time": round(time.time(), 3),
+                  **{k: float(v) for k, v in values.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in values.items():
+            self.tb.add_scalar(f"{kind}/{key}", float(value), step_num)
+        self.tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def metrics_at(workdir: pathlib.Path, kind: str, step_num: int) -> dict | None:
+    """The last `kind` record of `step_num` in WORKDIR/metrics.jsonl (None if absent)."""
+    path = workdir / "metrics.jsonl"
+    found = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if record.get("kind") == kind and record.get("step") == step_num:
+                found = record
+    return found
+
+
+# ============================================================================================
+# Evaluation
+
+
+def evaluate_loss(eval_fn, trainable, frozen, batches) -> dict[str, float]:
+    loss_sum, tokens = 0.0, 0.0
+    for batch in batches:
+        s, n = eval_fn(trainable, frozen, batch)
+        loss_sum, tokens = loss_sum + float(s), tokens + float(n)
+    return evaluate.loss_report(loss_sum, tokens)
+
+
+# ============================================================================================
+# The job
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: pathlib.Path
+    final_step: int
+    train_loss: float | None
+    eval_before: dict | None
+    eval_after: dict | None
+    task_before: dict | None
+    task_after: dict | None
+    params: dict  # trainable subtree at the end
+    frozen: dict
+    cfg: ModelConfig
+
+
+def initial_adapters(config, cfg: ModelConfig, mesh, rules) -> dict:
+    """Fresh adapters, or those of an existing PEFT adapter folder (lora.init_from), sharded."""
+    if not config.lora.init_from:
+        return sharding.init_adapters_sharded(cfg, jax.random.key(config.train.seed + 1), mesh, rules)
+    from jaxtune import export
+
+    adapters, saved = export.load_peft_adapter(config.lora.init_from, cfg.replace(lora=None))
+    if (saved.rank, saved.alpha, saved.targets, saved.rslora) != (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.rslora):
+        raise config_lib.ConfigError(
+            f"lora.init_from={config.lora.init_from}: the adapter has rank {saved.rank}, alpha {saved.alpha}, targets "
+            f"{','.join(saved.targets)}, rslora {saved.rslora}; set the same --config.lora.* values to continue it")
+    shardings = sharding.param_shardings(adapters, mesh, rules)
+    return jax.tree_util.tree_map(lambda x, sh: jax.device_put(x, sh), adapters, shardings)
+
+
+def task_scores(config, cfg: ModelConfig, tokenizer, folder, trainable, frozen, task_examples) -> dict | None:
+    if not task_examples:
+        return None
+    base_cfg = cfg.replace(lora=None)
+    model = LoadedModel(base_cfg, lora.merge_trees(frozen, trainable), tokenizer, folder)
+    return evaluate.task_accuracy(model, config.train.task, task_examples, params=model.params, lora=cfg.lora,
+                                  max_new_tokens=config.train.task_max_new_tokens)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
+    # ---- Config: validate everything before any compute -------------------------------------
+    config_lib.validate(config, jax.device_count())
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    full_finetune = not config.lora.enabled
+    mesh = sharding.make_mesh(config.mesh.shape)
+    rules = sharding.make_rules(config.mesh.rules)
+    log.info("mesh: %s", sharding.describe_mesh(mesh))
+
+    # ---- Model folder and tokenizer ---------------------------------------------------------
+    folder = hf.resolve_model_dir(config.model.path, config.model.revision or None)
+    cfg = model_config(config, folder)
+    tokenizer = load_tokenizer(folder)
+
+    # ---- Data ------------------------------------------------------------------------------
+    data_cfg = config.data.to_dict()
+    data_cfg["train"] = resolve_data_spec(config.data.train, "train")
+    data_cfg["eval"] = resolve_data_spec(config.data.eval, "validation") if config.data.eval else ""
+    datasets = data_lib.build_datasets(data_cfg, tokenizer)
+    log.info("train data: %s", datasets.train_stats)
+    if datasets.eval_stats:
+        log.info("eval data: %s", datasets.eval_stats)
+    batcher = data_lib.Batcher(datasets.train, config.train.batch_size, config.data.max_len, datasets.pad_id,
+                               seed=config.train.seed, packing=config.data.packing,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+    num_steps = total_steps(config, batcher.steps_per_epoch)
+    task_examples = tasks.load_examples(config.train.task, "test")[:config.train.task_examples] if config.train.task else []
+
+    def eval_set():
+        batches = data_lib.eval_batches(datasets.eval, config.train.batch_size, config.data.max_len, datasets.pad_id,
+                                        packing=config.data.packing, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+        limit = config.train.eval_batches or None
+        for i, batch in enumerate(batches):
+            if limit is not None and i >= limit:
+                return
+            yield sharding.device_batch(batch, mesh, rules)
+
+    # ---- Model params: base weights + adapters, each leaf placed in its sharding -------------
+    base = hf.load_params(folder, cfg, allow_pickle=config.model.allow_pickle, place=sharding.place_fn(mesh, rules))
+    params = base if cfg.lora is None else lora.merge_trees(base, initial_adapters(config, cfg, mesh, rules))
+    trainable, frozen = lora.split_trainable(params, full_finetune)
+    log.info("params: %s trainable of %s (%s)", f"{lora.count_params(trainable):,}",
+             f"{lora.count_params(params):,}", "full fine-tuning" if full_finetune else f"LoRA r={cfg.lora.rank}")
+
+    # ---- State: optimizer, shardings, resume -------------------------------------------------
+    tx = optim.optimizer(config.optim, num_steps, full_finetune)
+    trainable_sh = sharding.param_shardings(trainable, mesh, rules)
+    frozen_sh = sharding.param_shardings(frozen, mesh, rules)
+    opt_state = sharding.init_opt_state_sharded(tx, trainable, trainable_sh, mesh)
+    replicated = sharding.replicated(mesh)
+    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": trainable,
+             "opt_state": opt_state, "rng": jax.device_put(jax.random.key(config.train.seed), replicated)}
+    state_sh = {"step": replicated, "params": trainable_sh, "rng": replicated,
+                "opt_state": sharding.state_shardings(opt_state, trainable_sh, mesh)}
+    checkpointer = checkpoint.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                           keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+    fingerprint = checkpoint.config_fingerprint(config.model.path, cfg, full_finetune, trainable)
+    restored = checkpointer.restore_latest_valid(checkpoint.abstract_like(state), fingerprint)
+    if restored is not None:
+        state = restored.state
+        batcher.restore(restored.meta["data"])
+        log.info("resumed from checkpoint step %d in %s", restored.step, checkpointer.directory)
+    if is_main:
+        (workdir / "config.json").write_text(config_lib.to_json(config))
+    start_step = int(state["step"])
+
+    # ---- Step ------------------------------------------------------------------------------
+    lr_at = optim.schedule(config.optim, num_steps)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    batch_shardings = {key: batch_sh for key in step.BATCH_KEYS}
+    train_fn = jax.jit(functools.partial(step.train_step, cfg=cfg, tx=tx, grad_accum=config.optim.grad_accum),
+                       in_shardings=(state_sh, frozen_sh, batch_shardings), out_shardings=(state_sh, replicated),
+                       donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(step.eval_step, cfg=cfg), in_shardings=(trainable_sh, frozen_sh, batch_shardings),
+                      out_shardings=replicated)
+    if is_main:
+        report = sharding.memory_report(lora.merge_trees(frozen, state["params"]), state["opt_state"], mesh, cfg=cfg,
+                                        trainable=state["params"],
+                                        batch_size=config.train.batch_size // config.optim.grad_accum,
+                                        seq_len=config.data.max_len)
+        log.info("memory per device:\n%s", report["text"])
+
+    # ---- Loop ------------------------------------------------------------------------------
+    metrics_log = MetricsLog(workdir, is_main)
+    fresh = start_step == 0
+    if fresh:
+        eval_before = evaluate_loss(eval_fn, state["params"], frozen, eval_set()) if datasets.eval else None
+        task_before = task_scores(config, cfg, tokenizer, folder, state["params"], frozen, task_examples)
+    else:  # resumed: the "before" figures were measured by the first attempt
+        eval_before, task_before = metrics_at(workdir, "eval", 0), metrics_at(workdir, "task", 0)
+    if eval_before and fresh:
+        log.info("eval before training: loss %.4f, perplexity %.2f", eval_before["loss"], eval_before["perplexity"])
+        metrics_log.write("eval", 0, eval_before)
+    if task_before and fresh:
+        log.info("task %s before training: accuracy %.3f", config.train.task, task_before["accuracy"])
+        metrics_log.write("task", 0, {k: v for k, v in task_before.items() if isinstance(v, (int, float))})
+
+    progress = _progress_bar(num_steps, start_step, enabled=is_main and config.train.progress)
+    window_tokens, window_start, last_loss = 0.0, time.perf_counter(), None
+    eval_metrics = None
+    for step_num in range(start_step + 1, num_steps + 1):
+        host_batch = next(batcher)
+        state, metrics = train_fn(state, frozen, sharding.device_batch(host_batch, mesh, rules))
+        window_tokens += float(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
+        if step_num % config.train.log_every == 0 or step_num == num_steps:
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                checkpointer.close()
+                raise TrainingError(
+                    f"loss is {loss} at step {step_num}: training diverged. Lower optim.lr "
+                    f"(now {config.optim.lr}), keep optim.clip_norm > 0, or use model.dtype=float32. "
+                    f"Checkpoints saved before this step are intact in {checkpointer.directory}.")
+            elapsed = time.perf_counter() - window_start
+            values = {"loss": loss, "lr": float(lr_at(step_num - 1)), "grad_norm": float(metrics["grad_norm"]),
+                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            metrics_log.write("train", step_num, values)
+            progress.update(step_num, values)
+            window_tokens, window_start, last_loss = 0.0, time.perf_counter(), loss
+        final = step_num == num_steps
+        eval_metrics = None
+        if datasets.eval and (final or (config.train.eval_every and step_num % config.train.eval_every == 0)):
+            eval_metrics = evaluate_loss(eval_fn, state["params"], frozen, eval_set())
+            metrics_log.write("eval", step_num, eval_metrics)
+        meta = {"data": batcher.state(), "config_fingerprint": fingerprint, "model": config.model.path}
+        checkpointer.save(step_num, state, meta, {"eval_loss": eval_metrics["loss"]} if eval_metrics else None,
+                          final=final)
+    progress.close()
+    checkpointer.close()
+
+    # ---- Artifacts -------------------------------------------------------------------------
+    eval_after = eval_metrics
+    if datasets.eval and eval_after is None:  # resumed a finished run: evaluate what is there
+        eval_after = evaluate_loss(eval_fn, state["params"], frozen, eval_set())
+    if eval_after:
+        log.info("eval after training: loss %.4f, perplexity %.2f", eval_after["loss"], eval_after["perplexity"])
+    task_after = task_scores(config, cfg, tokenizer, folder, state["params"], frozen, task_examples)
+    if task_after:
+        log.info("task %s after training: accuracy %.3f", config.train.task, task_after["accuracy"])
+        metrics_log.write("task", num_steps, {k: v for k, v in task_after.items() if isinstance(v, (int, float))})
+    metrics_log.close()
+    result = RunResult(workdir, num_steps, last_loss, eval_before, eval_after, task_before, task_after,
+                       state["params"], frozen, cfg)
+    if is_main:
+        write_summary(result, config)
+    return result
+
+
+def write_summary(result: RunResult, config) -> None:
+    """reports/summary.json + a before/after table on stdout."""
+    summary = {"final_step": result.final_step, "train_loss": result.train_loss,
+               "eval_before": result.eval_before, "eval_after": result.eval_after,
+               "task": config.train.task or None,
+               "task_before": {k: v for k, v in (result.task_before or {}).items() if k != "predictions"} or None,
+               "task_after": {k: v for k, v in (result.task_after or {}).items() if k != "predictions"} or None}
+    evaluate.write_report(result.workdir / "reports" / "summary.json", summary)
+    if result.task_after:
+        evaluate.write_report(result.workdir / "reports" / "task_predictions.json", result.task_after["predictions"])
+    rows = []
+    if result.eval_after:
+        before = result.eval_before["loss"] if result.eval_before else float("nan")
+        rows.append(("held-out loss", f"{before:.4f}", f"{result.eval_after['loss']:.4f}"))
+    if result.task_after:
+        before = result.task_before["accuracy"] if result.task_before else float("nan")
+        rows.append((f"{config.train.task} accuracy", f"{before:.3f}", f"{result.task_after['accuracy']:.3f}"))
+    if rows:
+        print(f"\n{'':24s} {'before':>10s} {'after':>10s}")
+        for name, before, after in rows:
+            print(f"{name:24s} {before:>10s} {after:>10s}")
+        print(f"\nrun directory: {result.workdir}  (metrics.jsonl, tb/, checkpoints/, reports/)")
+
+
+class _progress_bar:
+    """tqdm bar with loss, lr, tokens/s and ETA (a no-op when disabled)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.position = start
+
+    def update(self, step_num: int, values: dict):
+        if self.bar is not None:
+            self.bar.update(step_num - self.position)
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                 tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
+        self.position = step_num
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ============================================================================================
+# Command line
+
+
+def default_workdir(config_path: str) -> str:
+    return str(pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem)
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    FLAGS = flags.FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames at INFO
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    try:
+        run(FLAGS.config, workdir)
+    except (config_lib.ConfigError, data_lib.DataError, hf.WeightsError, hf.ModelError, TrainingError,
+            checkpoint.CheckpointError, sharding.ShardingError) as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
+    flags.DEFINE_string("workdir", "", "run directory (default runs/<config name>); rerun to resume")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
