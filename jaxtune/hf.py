@@ -264,6 +264,7 @@ def load_params(
     buffers: dict[tuple[str, ...], np.ndarray] = {}
     layers_seen: dict[tuple[str, ...], set[int]] = {}
     unexpected, wrong_shape = [], []
+    reported: set[tuple[tuple[str, ...], int | None]] = set()
 
     for name, tensor in read_hf_tensors(folder, allow_pickle):
         if _IGNORED.match(name):
@@ -281,6 +282,7 @@ def load_params(
             wrong_shape.append(f"{name}: file {tuple(tensor.shape)}, model expects "
                                f"{tuple(want[::-1]) if transpose else tuple(want)}"
                                + (f" (layer {layer} of {cfg.num_layers})" if layer is not None else ""))
+            reported.add((path, layer))  # listed as mis-shaped, so not also as missing
             continue
         if layer is None:
             buffers[path] = np.asarray(value, dtype=param_dtype)
@@ -292,10 +294,12 @@ def load_params(
 
     missing = []
     for path, shape in shapes.items():
-        if path not in buffers:
-            missing.append(hf_name_of(path))
-        elif path in layers_seen and len(layers_seen[path]) != cfg.num_layers:
-            absent = sorted(set(range(cfg.num_layers)) - layers_seen[path])
+        if path[:2] != ("model", "layers"):
+            if path not in buffers and (path, None) not in reported:
+                missing.append(hf_name_of(path))
+            continue
+        absent = [i for i in range(cfg.num_layers) if i not in layers_seen.get(path, ()) and (path, i) not in reported]
+        if absent:
             missing.append(f"{hf_name_of(path)} for layers {absent}")
     if missing or unexpected or wrong_shape:
         lines = [f"weights in {folder} do not match the {cfg.architecture} config:"]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtune import checkpoint, evaluate, hf, lora, optim, sharding, step, tasks
+from jaxtune import checkpoint, distributed, evaluate, hf, lora, optim, sharding, step, tasks, vocab
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune.api import LoadedModel, load_tokenizer
@@ -178,12 +178,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
     full_finetune = not config.lora.enabled
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = sharding.make_rules(config.mesh.rules)
+    distributed.check_batch_layout(mesh, rules, config.train.batch_size)  # each process feeds its own rows
     log.info("mesh: %s", sharding.describe_mesh(mesh))
 
     # ---- Model folder and tokenizer ---------------------------------------------------------
     folder = hf.resolve_model_dir(config.model.path, config.model.revision or None)
     cfg = model_config(config, folder)
     tokenizer = load_tokenizer(folder)
+    vocab_ext = vocab.extend_tokenizer(tokenizer, config.data.add_tokens, cfg.vocab_size)  # data.add_tokens
+    train_embeddings = vocab_ext.changed and not full_finetune  # LoRA: the new token rows train too
 
     # ---- Data ------------------------------------------------------------------------------
     data_cfg = config.data.to_dict()
@@ -211,13 +214,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
 
     # ---- Model params: base weights + adapters, each leaf placed in its sharding -------------
     base = hf.load_params(folder, cfg, allow_pickle=config.model.allow_pickle, place=sharding.place_fn(mesh, rules))
+    if vocab_ext.changed:  # embedding (and untied head) resized for the added tokens, new rows = mean row
+        base = vocab.resize_params(base, vocab_ext, sharding_for=lambda path, shape: jax.sharding.NamedSharding(
+            mesh, sharding.spec_for(path, shape, mesh, rules)[0]))
+        cfg = cfg.replace(vocab_size=vocab_ext.new_size)
     params = base if cfg.lora is None else lora.merge_trees(base, initial_adapters(config, cfg, mesh, rules))
-    trainable, frozen = lora.split_trainable(params, full_finetune)
+    trainable, frozen = lora.split_trainable(params, full_finetune, train_embeddings)
     log.info("params: %s trainable of %s (%s)", f"{lora.count_params(trainable):,}",
              f"{lora.count_params(params):,}", "full fine-tuning" if full_finetune else f"LoRA r={cfg.lora.rank}")
 
     # ---- State: optimizer, shardings, resume -------------------------------------------------
-    tx = optim.optimizer(config.optim, num_steps, full_finetune)
+    tx = optim.optimizer(config.optim, num_steps, full_finetune, train_embeddings)
+    if train_embeddings:  # only the new tokens' rows move; the old ones stay bit-identical
+        tx = vocab.train_new_rows(tx, vocab_ext)
     trainable_sh = sharding.param_shardings(trainable, mesh, rules)
     frozen_sh = sharding.param_shardings(frozen, mesh, rules)
     opt_state = sharding.init_opt_state_sharded(tx, trainable, trainable_sh, mesh)
@@ -236,6 +245,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
         log.info("resumed from checkpoint step %d in %s", restored.step, checkpointer.directory)
     if is_main:
         (workdir / "config.json").write_text(config_lib.to_json(config))
+        if vocab_ext.changed:  # the extended tokenizer, read back by jaxtune.export
+            tokenizer.save_pretrained(str(workdir / "tokenizer"))
     start_step = int(state["step"])
 
     # ---- Step ------------------------------------------------------------------------------
@@ -276,14 +287,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
         host_batch = next(batcher)
         state, metrics = train_fn(state, frozen, sharding.device_batch(host_batch, mesh, rules))
         window_tokens += float(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
-        if step_num % config.train.log_every == 0 or step_num == num_steps:
-            loss = float(metrics["loss"])
+        due_for_save = checkpointer.due(step_num, final=step_num == num_steps)
+        if step_num % config.train.log_every == 0 or step_num == num_steps or due_for_save:
+            loss = float(metrics["loss"])  # checked before every save too: a diverged state is never saved
             if not math.isfinite(loss):
                 checkpointer.close()
                 raise TrainingError(
                     f"loss is {loss} at step {step_num}: training diverged. Lower optim.lr "
                     f"(now {config.optim.lr}), keep optim.clip_norm > 0, or use model.dtype=float32. "
                     f"Checkpoints saved before this step are intact in {checkpointer.directory}.")
+        if step_num % config.train.log_every == 0 or step_num == num_steps:
             elapsed = time.perf_counter() - window_start
             values = {"loss": loss, "lr": float(lr_at(step_num - 1)), "grad_norm": float(metrics["grad_norm"]),
                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
@@ -370,8 +383,45 @@ class _progress_bar:
 # Command line
 
 
+def setup_logging() -> None:
+    """jaxtune's own messages at INFO; JAX, orbax and absl (which log every file rename) at WARNING."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    jaxtune_log = logging.getLogger("jaxtune")
+    jaxtune_log.handlers[:] = [handler]
+    jaxtune_log.setLevel(logging.INFO)
+    jaxtune_log.propagate = False
+
+
 def default_workdir(config_path: str) -> str:
     return str(pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with one clear error (exit 2) for an unknown or ill-typed --config.KEY override."""
+    import difflib
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        known = config_lib.flatten(config_lib.base_config())
+        problems = []
+        for arg in argv[1:]:
+            if arg.startswith("--config."):
+                key = arg[len("--config."):].split("=", 1)[0]
+                if key not in known:
+                    close = difflib.get_close_matches(key, known, n=3)
+                    problems.append(f"unknown config key {key!r} in {arg}" +
+                                    (f" (did you mean {', '.join(close)}?)" if close else ""))
+        message = "\n".join(problems) or f"bad command line: {str(e).strip(chr(39))}"
+        print(f"error: {message}\nSee configs/*.py and jaxtune/config.py for every key.", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -379,13 +429,13 @@ def main(argv):
 
     del argv
     FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames at INFO
+    setup_logging()
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     try:
+        distributed.maybe_initialize()  # multi-host launches: before anything touches a JAX device
         run(FLAGS.config, workdir)
     except (config_lib.ConfigError, data_lib.DataError, hf.WeightsError, hf.ModelError, TrainingError,
-            checkpoint.CheckpointError, sharding.ShardingError) as e:
+            checkpoint.CheckpointError, sharding.ShardingError, distributed.LaunchError) as e:
         log.error("%s", e)
         sys.exit(2)
 
@@ -397,4 +447,4 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
     flags.DEFINE_string("workdir", "", "run directory (default runs/<config name>); rerun to resume")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
