@@ -6,7 +6,10 @@ adapters follow PEFT (`lora_a` [V, r] zeros, `lora_b` [r, D] normal). Scanned la
 leading layer axis L on both.
 
 Trainable vs frozen is ONE predicate over parameter paths (`is_trainable`): optimizer labels,
-the train/frozen split, adapter-only checkpoints and exports all derive from it.
+the train/frozen split, adapter-only checkpoints and exports all derive from it. A LoRA run that
+added tokens to the vocabulary (config.data.add_tokens, jaxtune/vocab.py) also trains the
+embedding table and an untied lm_head kernel (`train_embeddings=True`); the optimizer then updates
+only their new-token rows (`vocab.only_rows`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import jax.numpy as jnp
 from jaxtune.models.llama import ALL_TARGETS, LINEAR_TARGETS, LoRAConfig, ModelConfig, abstract_params, lora_a_init
 
 LORA_LEAVES = ("lora_a", "lora_b")
+# The vocabulary-sized weights: their rows (columns of the [D, V] head kernel) are token ids.
+EMBEDDING_PATHS = (("model", "embed_tokens", "embedding"), ("lm_head", "kernel"))
 _SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                 "up": "up_proj", "down": "down_proj", "embed": "embed_tokens", "head": "lm_head"}
 
@@ -61,15 +66,16 @@ def is_lora_path(path: Path) -> bool:
     return path[-1] in LORA_LEAVES
 
 
-def is_trainable(path: Path, full_finetune: bool) -> bool:
-    """THE predicate: full fine-tuning trains everything; LoRA trains only adapter leaves."""
-    return full_finetune or is_lora_path(path)
+def is_trainable(path: Path, full_finetune: bool, train_embeddings: bool = False) -> bool:
+    """THE predicate: full fine-tuning trains everything; LoRA trains the adapter leaves, plus the
+    embedding table and untied lm_head kernel when `train_embeddings` (new tokens were added)."""
+    return full_finetune or is_lora_path(path) or (train_embeddings and tuple(path) in EMBEDDING_PATHS)
 
 
-def trainable_labels(params, full_finetune: bool):
+def trainable_labels(params, full_finetune: bool, train_embeddings: bool = False):
     """Tree of 'trainable' / 'frozen' labels for optax.multi_transform."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, _: "trainable" if is_trainable(path_of(kp), full_finetune) else "frozen", params)
+        lambda kp, _: "trainable" if is_trainable(path_of(kp), full_finetune, train_embeddings) else "frozen", params)
 
 
 def _filter(tree: dict, keep, prefix: Path = ()) -> dict:
@@ -84,10 +90,10 @@ def _filter(tree: dict, keep, prefix: Path = ()) -> dict:
     return out
 
 
-def split_trainable(params: dict, full_finetune: bool) -> tuple[dict, dict]:
+def split_trainable(params: dict, full_finetune: bool, train_embeddings: bool = False) -> tuple[dict, dict]:
     """params -> (trainable subtree, frozen subtree); `merge_trees` puts them back together."""
-    trainable = _filter(params, lambda p: is_trainable(p, full_finetune))
-    frozen = _filter(params, lambda p: not is_trainable(p, full_finetune))
+    trainable = _filter(params, lambda p: is_trainable(p, full_finetune, train_embeddings))
+    frozen = _filter(params, lambda p: not is_trainable(p, full_finetune, train_embeddings))
     return trainable, frozen
 
 

@@ -27,26 +27,28 @@ def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedu
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
 
 
-def param_group(path: tuple[str, ...], ndim_without_layers: int, full_finetune: bool) -> str:
-    if not is_trainable(path, full_finetune):
+def param_group(path: tuple[str, ...], ndim_without_layers: int, full_finetune: bool,
+                train_embeddings: bool = False) -> str:
+    if not is_trainable(path, full_finetune, train_embeddings):
         return "frozen"
     if path[-1] in ("kernel", "lora_a", "lora_b") and ndim_without_layers >= 2:
         return "decay"
     return "no_decay"  # norm scales, biases, embedding tables
 
 
-def labels(params, full_finetune: bool):
+def labels(params, full_finetune: bool, train_embeddings: bool = False):
     import jax
 
     def label(key_path, leaf):
         path = path_of(key_path)
         ndim = leaf.ndim - (1 if path[:2] == ("model", "layers") else 0)
-        return param_group(path, ndim, full_finetune)
+        return param_group(path, ndim, full_finetune, train_embeddings)
 
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def optimizer(optim: ml_collections.ConfigDict, total_steps: int, full_finetune: bool) -> optax.GradientTransformation:
+def optimizer(optim: ml_collections.ConfigDict, total_steps: int, full_finetune: bool,
+              train_embeddings: bool = False) -> optax.GradientTransformation:
     lr = schedule(optim, total_steps)
 
     def adamw(weight_decay):
@@ -54,7 +56,7 @@ def optimizer(optim: ml_collections.ConfigDict, total_steps: int, full_finetune:
 
     groups = optax.multi_transform(
         {"decay": adamw(optim.weight_decay), "no_decay": adamw(0.0), "frozen": optax.set_to_zero()},
-        lambda params: labels(params, full_finetune),
+        lambda params: labels(params, full_finetune, train_embeddings),
     )
     if optim.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim.clip_norm), groups)
