@@ -157,7 +157,9 @@ def initial_adapters(config, cfg: ModelConfig, mesh, rules) -> dict:
             f"lora.init_from={config.lora.init_from}: the adapter has rank {saved.rank}, alpha {saved.alpha}, targets "
             f"{','.join(saved.targets)}, rslora {saved.rslora}; set the same --config.lora.* values to continue it")
     shardings = sharding.param_shardings(adapters, mesh, rules)
-    return jax.tree_util.tree_map(lambda x, sh: jax.device_put(x, sh), adapters, shardings)
+    # each process copies only the shards its own devices hold (device_put cannot reach other hosts)
+    return jax.tree_util.tree_map(lambda x, sh: jax.make_array_from_callback(
+        x.shape, sh, lambda index: np.asarray(x)[index]), adapters, shardings)
 
 
 def task_scores(config, cfg: ModelConfig, tokenizer, folder, trainable, frozen, task_examples) -> dict | None:
@@ -231,8 +233,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
     frozen_sh = sharding.param_shardings(frozen, mesh, rules)
     opt_state = sharding.init_opt_state_sharded(tx, trainable, trainable_sh, mesh)
     replicated = sharding.replicated(mesh)
-    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": trainable,
-             "opt_state": opt_state, "rng": jax.device_put(jax.random.key(config.train.seed), replicated)}
+    seed = config.train.seed  # created under jit: a host value cannot be device_put onto other hosts' devices
+    state = {"step": sharding.create_sharded(lambda: jnp.zeros((), jnp.int32), replicated), "params": trainable,
+             "opt_state": opt_state, "rng": sharding.create_sharded(lambda: jax.random.key(seed), replicated)}
     state_sh = {"step": replicated, "params": trainable_sh, "rng": replicated,
                 "opt_state": sharding.state_shardings(opt_state, trainable_sh, mesh)}
     checkpointer = checkpoint.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
