@@ -1,0 +1,161 @@
+"""Loading a fine-tuned model for inference: a base model plus a run's checkpoint or a PEFT adapter.
+
+This module owns `load_for_inference`, shared by `python -m jaxtune.generate --adapter=DIR` and
+`python -m jaxtune.evaluate`:
+
+    from jaxtune import inference, generate
+    model, params, lora_cfg = inference.load_for_inference(None, "runs/lora_llama", "float32")
+    generate.generate_text(model, ["Hi"], 32, params=params, lora=lora_cfg)
+
+`adapter` is one of
+  * a jaxtune workdir (it has config.json): the base model is the run's model.path unless one is
+    given; the checkpoint is `step` ('last', 'best' or a number). A LoRA run's trained leaves are put
+    over the base weights; a full fine-tuning run's params replace them.
+  * a PEFT LoRA adapter folder (it has adapter_config.json): the base model is the one given, else
+    the adapter's base_model_name_or_path.
+  * None: the model itself.
+
+The returned LoadedModel is the BASE model (cfg without LoRA, base params, the tokenizer to use);
+`params` / `lora_cfg` are what to pass as `params=` / `lora=` to generate, api.logits or evaluate.
+When a run extended the vocabulary, the base model's embedding (and untied head) are extended with
+the run's new rows so that both share one config.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune import api, export, hf, lora
+from jaxtune.models.llama import DTYPES, LoRAConfig
+
+log = logging.getLogger("jaxtune.inference")
+
+RUN_CONFIG = "config.json"
+
+
+class InferenceError(ValueError):
+    """The model / adapter combination cannot be loaded; the message says why."""
+
+
+def adapter_kind(adapter: str | pathlib.Path) -> str:
+    """'workdir' (jaxtune run) or 'peft' (PEFT adapter folder), or InferenceError."""
+    directory = pathlib.Path(adapter)
+    if (directory / export.ADAPTER_CONFIG).is_file():
+        return "peft"
+    if (directory / RUN_CONFIG).is_file():
+        return "workdir"
+    raise InferenceError(f"--adapter={adapter}: neither a jaxtune workdir (no {RUN_CONFIG}) nor a PEFT adapter "
+                         f"folder (no {export.ADAPTER_CONFIG})")
+
+
+def base_model_path(model: str | None, adapter: str | pathlib.Path | None) -> str:
+    """The base model to load: the one given, else the run's model.path / the adapter's base model."""
+    if model:
+        return model
+    if adapter is None:
+        raise InferenceError("give --model (an alias, HF folder or hub id) or --adapter=DIR")
+    directory = pathlib.Path(adapter)
+    if adapter_kind(directory) == "workdir":
+        return export.read_run_config(directory)["model"]["path"]
+    name = export.read_adapter_config(directory).get("base_model_name_or_path")
+    if not name:
+        raise InferenceError(f"{directory / export.ADAPTER_CONFIG} names no base_model_name_or_path: give --model")
+    return name
+
+
+def cast_tree(tree: dict, dtype: str) -> dict:
+    """Every floating leaf as a jax array of `dtype` (integer leaves unchanged)."""
+    target = DTYPES[dtype]
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, target) if jnp.issubdtype(np.asarray(x).dtype, jnp.floating) else jnp.asarray(x),
+        tree)
+
+
+def extend_vocab(base: dict, trained: dict, vocab_size: int) -> dict:
+    """`base` with its embedding [V0, D] (and untied lm_head [D, V0]) grown to vocab_size rows taken
+    from the trained matrices (rows V0.. are the tokens the run added)."""
+    out = jax.tree_util.tree_map(lambda x: x, base)
+    embedding = out["model"]["embed_tokens"]["embedding"]
+    old = embedding.shape[0]
+    if old == vocab_size:
+        return out
+    new_rows = jnp.asarray(trained["model"]["embed_tokens"]["embedding"][old:], embedding.dtype)
+    out["model"]["embed_tokens"]["embedding"] = jnp.concatenate([embedding, new_rows], axis=0)
+    head = out.get("lm_head", {}).get("kernel")
+    if head is not None:
+        new_cols = jnp.asarray(trained["lm_head"]["kernel"][:, old:], head.dtype)
+        out["lm_head"]["kernel"] = jnp.concatenate([head, new_cols], axis=1)
+    return out
+
+
+def load_run(model_path: str, workdir: pathlib.Path, dtype: str, step: str | int):
+    """(base LoadedModel, fine-tuned params, LoRAConfig | None, step number) of a jaxtune run."""
+    run_config = export.read_run_config(workdir)
+    if model_path != run_config["model"]["path"]:
+        log.warning("%s was trained from %s; loading it over %s", workdir, run_config["model"]["path"], model_path)
+    step_number = export.resolve_step(workdir, step)
+    trained, _ = export.load_trained_params(workdir, step_number)
+    lora_cfg = export.run_lora_config(run_config)
+    model = api.load(model_path, param_dtype=dtype, compute_dtype=dtype,
+                     allow_pickle=bool(run_config["model"].get("allow_pickle")),
+                     revision=run_config["model"].get("revision") or None, with_tokenizer=False)
+    model.tokenizer = export.run_tokenizer(workdir, model.folder, run_config)
+    adapters, other = lora.split_trainable(trained, full_finetune=False) if lora_cfg else ({}, trained)
+    vocab_size = export.trained_vocab_size(other, model.cfg.vocab_size)
+    if vocab_size != model.cfg.vocab_size:
+        log.info("the run extended the vocabulary: %d -> %d tokens", model.cfg.vocab_size, vocab_size)
+        model.params = extend_vocab(model.params, other, vocab_size)
+        model.cfg = model.cfg.replace(vocab_size=vocab_size)
+    export.check_shapes(trained, model.cfg.replace(lora=lora_cfg), f"checkpoint step {step_number} of {workdir}",
+                        complete=lora_cfg is None)
+    params = export.overlay(model.params, cast_tree(trained, dtype))
+    log.info("loaded step %d of %s (%s)", step_number, workdir,
+             "full fine-tuning" if lora_cfg is None else f"LoRA r={lora_cfg.rank}")
+    return model, params, lora_cfg, step_number
+
+
+def load_peft(model_path: str, adapter_dir: pathlib.Path, dtype: str):
+    """(base LoadedModel, base params + adapters, LoRAConfig) for a PEFT adapter folder."""
+    model = api.load(model_path, param_dtype=dtype, compute_dtype=dtype)
+    if any((adapter_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        model.tokenizer = api.load_tokenizer(adapter_dir)
+    adapters, lora_cfg = export.load_peft_adapter(adapter_dir, model.cfg)
+    return model, lora.merge_trees(model.params, adapters), lora_cfg
+
+
+def load_for_inference(model_path_or_alias: str | None, adapter: str | pathlib.Path | None,
+                       dtype: str = "float32", step: str | int = "last"
+                       ) -> tuple[api.LoadedModel, dict, LoRAConfig | None]:
+    """(base LoadedModel, params to run, LoRAConfig or None); see the module docstring."""
+    info = load_with_info(model_path_or_alias, adapter, dtype, step)
+    return info["model"], info["params"], info["lora"]
+
+
+def load_with_info(model_path_or_alias: str | None, adapter: str | pathlib.Path | None,
+                   dtype: str = "float32", step: str | int = "last") -> dict:
+    """load_for_inference plus what was loaded: {model, params, lora, model_path, adapter_kind, step}."""
+    if dtype not in DTYPES:
+        raise InferenceError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    model_path = base_model_path(model_path_or_alias, adapter)
+    if adapter is None:
+        model = api.load(model_path, param_dtype=dtype, compute_dtype=dtype)
+        return {"model": model, "params": model.params, "lora": None, "model_path": model_path,
+                "adapter_kind": None, "step": None}
+    directory = pathlib.Path(adapter)
+    kind = adapter_kind(directory)
+    if kind == "workdir":
+        model, params, lora_cfg, step_number = load_run(model_path, directory, dtype, step)
+    else:
+        (model, params, lora_cfg), step_number = load_peft(model_path, directory, dtype), None
+    if model.tokenizer is None:
+        raise InferenceError(f"{model.folder} has no tokenizer files")
+    return {"model": model, "params": params, "lora": lora_cfg, "model_path": model_path, "adapter_kind": kind,
+            "step": step_number}
+
+
+LOAD_ERRORS = (InferenceError, export.ExportError, hf.WeightsError, hf.ModelError)
