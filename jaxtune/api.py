@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxtune import hf
 from jaxtune.models.llama import Llama, LoRAConfig, ModelConfig
+from jaxtune.generate import generate_text  # noqa: F401  (re-exported: jaxtune.api.generate_text)
 
 
 @dataclasses.dataclass

@@ -231,6 +231,48 @@ def attention_mask(q_slots_BxT, q_segments_BxT, k_slots_BxS, k_segments_BxS, sli
     return mask[:, None, :, :]
 
 
+def cached_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, layer_cache, cache_index, sliding_window):
+    """Attention of T new tokens (written at cache slots [cache_index, cache_index + T)) over the cache
+    slots before cache_index and over themselves, with one softmax across both parts. q is pre-scaled.
+
+    The cache is only read, in its own [B, S, K, Dh] layout: no copy, no transpose, no update (a
+    one-token step reduces over it directly), so a decode step costs one pass over the cache.
+    Scores and softmax are float32; masked scores use a finite minimum, so pad rows stay finite.
+    """
+    B, T, H, Dh = q_BxTxHxDh.shape
+    K = k_BxTxKxDh.shape[2]
+    S = layer_cache["k"].shape[1]
+    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+    old_k_BxSxKxDh, old_v_BxSxKxDh = layer_cache["k"], layer_cache["v"]
+    q_slots_BxT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    k_slots_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    old_mask_BxTxS = attention_mask(q_slots_BxT, segments_BxT, k_slots_BxS, layer_cache["segments"],
+                                    sliding_window)[:, 0] & (k_slots_BxS < cache_index)[:, None, :]
+    new_mask_BxTxT = attention_mask(q_slots_BxT, segments_BxT, q_slots_BxT, segments_BxT, sliding_window)[:, 0]
+    f32 = jnp.float32
+    if T == 1:  # decode: multiply-reduce fusions read the cache once, in place
+        old_BxTxKxGxS = jnp.sum(q_BxTxKxGxDh[:, 0, None].astype(f32) * old_k_BxSxKxDh[:, :, :, None, :].astype(f32),
+                                axis=-1).transpose(0, 2, 3, 1)[:, None]
+    else:
+        old_BxTxKxGxS = jnp.einsum("btkgd,bskd->btkgs", q_BxTxKxGxDh, old_k_BxSxKxDh, preferred_element_type=f32)
+    new_BxTxKxGxU = jnp.einsum("btkgd,bukd->btkgu", q_BxTxKxGxDh, k_BxTxKxDh, preferred_element_type=f32)
+    lowest = jnp.finfo(f32).min
+    old_BxTxKxGxS = jnp.where(old_mask_BxTxS[:, :, None, None, :], old_BxTxKxGxS, lowest)
+    new_BxTxKxGxU = jnp.where(new_mask_BxTxT[:, :, None, None, :], new_BxTxKxGxU, lowest)
+    top = jnp.maximum(old_BxTxKxGxS.max(-1, keepdims=True), new_BxTxKxGxU.max(-1, keepdims=True))
+    p_old, p_new = jnp.exp(old_BxTxKxGxS - top), jnp.exp(new_BxTxKxGxU - top)
+    total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    if T == 1:
+        out_old = jnp.sum(p_old[:, 0].transpose(0, 3, 1, 2)[..., None] * old_v_BxSxKxDh[:, :, :, None, :].astype(f32),
+                          axis=1)[:, None]
+    else:
+        out_old = jnp.einsum("btkgs,bskd->btkgd", p_old.astype(old_v_BxSxKxDh.dtype), old_v_BxSxKxDh,
+                             preferred_element_type=f32)
+    out_new = jnp.einsum("btkgu,bukd->btkgd", p_new.astype(v_BxTxKxDh.dtype), v_BxTxKxDh, preferred_element_type=f32)
+    out_BxTxKxGxDh = (out_old + out_new) / total
+    return out_BxTxKxGxDh.reshape(B, T, H, Dh).astype(q_BxTxHxDh.dtype)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True
@@ -255,24 +297,18 @@ class Attention(nn.Module):
         q_BxTxHxDh = apply_rope(q_BxTxHxDh, positions_BxT, inv_freq)
         k_BxTxKxDh = apply_rope(k_BxTxKxDh, positions_BxT, inv_freq)
 
-        q_slots_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        scale = 1.0 / math.sqrt(Dh)
         if layer_cache is None:
-            keys, values, k_slots, k_segments = k_BxTxKxDh, v_BxTxKxDh, q_slots_BxT, segments_BxT
+            q_slots_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            mask = attention_mask(q_slots_BxT, segments_BxT, q_slots_BxT, segments_BxT, cfg.sliding_window)
+            out_BxTxHxDh = jax.nn.dot_product_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=mask, scale=scale)
             new_cache = None
         else:
-            # Write this chunk at [cache_index, cache_index + T) and attend over the whole cache.
-            keys = jax.lax.dynamic_update_slice(layer_cache["k"], k_BxTxKxDh.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            values = jax.lax.dynamic_update_slice(layer_cache["v"], v_BxTxKxDh.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-            k_segments = jax.lax.dynamic_update_slice(layer_cache["segments"], segments_BxT, (0, cache_index))
-            S = keys.shape[1]
-            k_slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-            q_slots_BxT = q_slots_BxT + cache_index
-            new_cache = {"k": keys, "v": values, "segments": k_segments}
-
-        mask = attention_mask(q_slots_BxT, segments_BxT, k_slots, k_segments, cfg.sliding_window)
-        out_BxTxHxDh = jax.nn.dot_product_attention(
-            q_BxTxHxDh, keys.astype(dtype), values.astype(dtype), mask=mask, scale=1.0 / math.sqrt(Dh)
-        )
+            out_BxTxHxDh = cached_attention(q_BxTxHxDh * scale, k_BxTxKxDh, v_BxTxKxDh, segments_BxT,
+                                            layer_cache, cache_index, cfg.sliding_window)
+            # Only this chunk's keys/values: Decoder writes them into the stacked cache after the scan.
+            new_cache = {"k": k_BxTxKxDh.astype(layer_cache["k"].dtype),
+                         "v": v_BxTxKxDh.astype(layer_cache["v"].dtype), "segments": segments_BxT}
         out = proj("o_proj", cfg.hidden_size, cfg.o_bias)(out_BxTxHxDh.reshape(B, T, H * Dh))
         return out, new_cache
 
@@ -295,7 +331,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; written as a scan body: (h, per-layer cache) -> (h, new per-layer cache)."""
+    """One pre-norm block; written as a scan body: (h, per-layer cache) -> (h, this chunk's per-layer k/v)."""
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -325,6 +361,12 @@ def remat_policy(name: str):
     return policies[name]
 
 
+def write_cache_chunk(cache, chunk, cache_index):
+    """Store the stacked keys/values/segments of T new tokens ([L, B, T, ...]) at slot cache_index."""
+    return {name: jax.lax.dynamic_update_slice(
+        cache[name], chunk[name], (0, 0, cache_index) + (0,) * (cache[name].ndim - 3)) for name in cache}
+
+
 class Decoder(nn.Module):
     """`model` in HF naming: embed_tokens, scanned layers, final norm."""
 
@@ -348,7 +390,8 @@ class Decoder(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
         )(cfg, self.deterministic, name="layers")
-        h_BxTxD, new_cache = layers(h_BxTxD, positions_BxT, segments_BxT, cache_index, cache)
+        h_BxTxD, new_chunk = layers(h_BxTxD, positions_BxT, segments_BxT, cache_index, cache)
+        new_cache = None if cache is None else write_cache_chunk(cache, new_chunk, cache_index)
         h_BxTxD = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="norm")(h_BxTxD)
         return h_BxTxD, new_cache, embed
 

@@ -1,0 +1,319 @@
+"""KV-cache text generation: batched greedy / sampled decoding, compiled end to end; the CLI.
+
+This module owns decoding for every Llama-family model jaxtune loads:
+
+    python -m jaxtune.generate --model=smollm2-135m-instruct \
+        --prompt="What is the capital of France?" --max_new_tokens=32 [--temperature=0] [--top_p=1] \
+        [--top_k=0] [--seed=0] [--raw] [--dtype=float32] [--adapter=WORKDIR|PEFT_DIR]
+
+prints the completion (the tokenizer's chat template is applied unless --raw). From Python:
+
+    from jaxtune import api
+    model = api.load("smollm2-135m-instruct")
+    api.generate_text(model, ["What is the capital of France?"], max_new_tokens=32)   # -> [str]
+    generate(model, [[ids...], [ids...]], max_new_tokens=32)                          # -> [[int]]
+
+How a batch is laid out. Prompts of different lengths are left-padded into a length bucket P (a power
+of two from 32 up to 256, then multiples of 256), and `max_new_tokens` is rounded up the same way to
+N, so one compiled program serves every request of the same (batch, P, N, sampling settings). The KV
+cache has P + N slots: slot s < P holds prompt token s of the padded row, slot P + i generated token
+i. Pad slots carry segment id 0 and are never attended to; real tokens carry segment 1. Positions
+count real tokens only, so left padding does not shift RoPE: a row of n prompt tokens gets positions
+0..n-1 and its i-th new token is fed at position n + i.
+
+One jitted function per bucket runs the prefill and then the whole decode loop as a
+`jax.lax.while_loop` (stopping when every row has produced an EOS or after `max_new_tokens`), so
+decoding is never bound by Python overhead. Greedy decoding takes the argmax; sampling divides the
+logits by the temperature, keeps the top-k (if k > 0) and the smallest top-p nucleus, and draws with
+`jax.random.categorical` from `jax.random.key(seed)` folded with the step number: the same seed,
+prompts and settings give the same tokens.
+
+Returned token ids exclude the prompt and stop *before* the first EOS (the EOS itself is not returned);
+the text is the decoded ids with special tokens skipped. EOS ids default to the model folder's
+generation_config.json (else config.json) `eos_token_id`, plus the tokenizer's eos token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.models.llama import Llama, LoRAConfig, ModelConfig, init_cache
+
+MIN_BUCKET = 32
+POWER_OF_TWO_UP_TO = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Token selection. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and host-side layout
+
+
+def bucket_length(n: int) -> int:
+    """Compile bucket for a length: a power of two in [32, 256], then a multiple of 256."""
+    if n <= POWER_OF_TWO_UP_TO:
+        return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+    return -(-n // POWER_OF_TWO_UP_TO) * POWER_OF_TWO_UP_TO
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows -> (tokens [B, width] int32, segments [B, width] int32: 1 real, 0 left padding)."""
+    tokens_BxP = np.full((len(prompts), width), pad_id, np.int32)
+    segments_BxP = np.zeros((len(prompts), width), np.int32)
+    for i, row in enumerate(prompts):
+        if len(row):
+            tokens_BxP[i, width - len(row):] = row
+            segments_BxP[i, width - len(row):] = 1
+    return tokens_BxP, segments_BxP
+
+
+def cut_at_eos(row: Sequence[int], eos_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The first max_new_tokens ids of a generated row, stopping before the first EOS."""
+    out = []
+    for token in list(row)[:max_new_tokens]:
+        if token in eos_ids:
+            break
+        out.append(int(token))
+    return out
+
+
+def default_eos_ids(model) -> tuple[int, ...]:
+    """EOS ids as HF generate would use them: generation_config.json, else config.json, + tokenizer's."""
+    ids: list[int] = []
+    folder = pathlib.Path(model.folder) if getattr(model, "folder", None) else None
+    for name in ("generation_config.json", "config.json"):
+        if folder is not None and (folder / name).exists():
+            value = json.loads((folder / name).read_text()).get("eos_token_id")
+            if value is not None:
+                ids += value if isinstance(value, list) else [value]
+                break
+    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None) if model.tokenizer is not None else None
+    if tokenizer_eos is not None:
+        ids.append(tokenizer_eos)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+# --------------------------------------------------------------------------------------------
+# Device side: prefill, one decode step, token selection, the compiled loop
+
+
+def prefill(params, cfg: ModelConfig, tokens_BxP, segments_BxP, cache_len: int):
+    """Run the left-padded prompts through a fresh cache of cache_len slots.
+
+    Returns (logits of the last prompt slot [B, V], cache, next position per row [B])."""
+    positions_BxP = jnp.maximum(jnp.cumsum(segments_BxP, axis=1) - 1, 0)
+    # The barrier keeps XLA from constant-folding attention over the empty cache at compile time.
+    cache, start = jax.lax.optimization_barrier((init_cache(cfg, tokens_BxP.shape[0], cache_len), jnp.int32(0)))
+    logits_BxPxV, cache = Llama(cfg).apply({"params": params}, tokens_BxP, positions_BxP, segments_BxP,
+                                           cache=cache, cache_index=start)
+    return logits_BxPxV[:, -1], cache, jnp.sum(segments_BxP, axis=1)
+
+
+def decode_step(params, cfg: ModelConfig, token_B, position_B, cache, cache_index):
+    """Feed one token per row at slot cache_index -> (next-token logits [B, V], updated cache)."""
+    segments_Bx1 = jnp.ones_like(token_B)[:, None]
+    logits_Bx1xV, cache = Llama(cfg).apply({"params": params}, token_B[:, None], position_B[:, None],
+                                           segments_Bx1, cache=cache, cache_index=cache_index)
+    return logits_Bx1xV[:, 0], cache
+
+
+def filter_top_k(logits_BxV, k: int):
+    """Keep the k largest logits of each row (ties at the k-th value kept too); others -> -inf."""
+    kth_B1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
+    return jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+
+
+def filter_top_p(logits_BxV, top_p: float):
+    """Keep the smallest set of most likely tokens whose probability reaches top_p; others -> -inf."""
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_B = jnp.maximum(jnp.sum(mass_before_BxV < top_p, axis=-1), 1)
+    threshold_B1 = jnp.take_along_axis(sorted_BxV, kept_B[:, None] - 1, axis=-1)
+    return jnp.where(logits_BxV < threshold_B1, -jnp.inf, logits_BxV)
+
+
+def select_tokens(logits_BxV, key, sampling: Sampling):
+    """Next token per row: argmax when greedy, else a draw from the filtered, tempered distribution."""
+    if sampling.greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV / sampling.temperature
+    if sampling.top_k > 0:
+        logits_BxV = filter_top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))
+    if sampling.top_p < 1.0:
+        logits_BxV = filter_top_p(logits_BxV, sampling.top_p)
+    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "new_bucket", "sampling"))
+def generate_padded(params, tokens_BxP, segments_BxP, eos_ids_E, max_new_tokens, seed, *,
+                    cfg: ModelConfig, new_bucket: int, sampling: Sampling):
+    """Prefill + compiled decode loop -> (new tokens [B, new_bucket] int32, steps run).
+
+    Rows that have emitted an EOS keep emitting EOS ids[0]; slots past the last step hold EOS ids[0]."""
+    B, P = tokens_BxP.shape
+    key = jax.random.key(seed)
+    filler = eos_ids_E[0]
+
+    def is_eos(token_B):
+        return jnp.any(token_B[:, None] == eos_ids_E[None, :], axis=-1)
+
+    logits_BxV, cache, position_B = prefill(params, cfg, tokens_BxP, segments_BxP, P + new_bucket)
+    token_B = select_tokens(logits_BxV, jax.random.fold_in(key, 0), sampling)
+    out_BxN = jnp.full((B, new_bucket), filler, jnp.int32).at[:, 0].set(token_B)
+
+    def keep_going(state):
+        step, _, _, _, _, done_B = state
+        return (step < max_new_tokens) & ~jnp.all(done_B)
+
+    def step_fn(state):
+        step, token_B, position_B, cache, out_BxN, done_B = state
+        logits_BxV, cache = decode_step(params, cfg, token_B, position_B, cache, P + step - 1)
+        token_B = jnp.where(done_B, filler, select_tokens(logits_BxV, jax.random.fold_in(key, step), sampling))
+        out_BxN = jax.lax.dynamic_update_slice(out_BxN, token_B[:, None], (0, step))
+        return step + 1, token_B, position_B + 1, cache, out_BxN, done_B | is_eos(token_B)
+
+    state = (jnp.int32(1), token_B, position_B, cache, out_BxN, is_eos(token_B))
+    steps, _, _, _, out_BxN, _ = jax.lax.while_loop(keep_going, step_fn, state)
+    return out_BxN, steps
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_ids: Sequence[int] | None = None,
+    params: dict | None = None,
+    lora: LoRAConfig | None = None,
+    top_k: int = 0,
+) -> list[list[int]]:
+    """Complete each prompt (token ids) -> new token ids per row, without the prompt and without EOS.
+
+    model: an `api.LoadedModel`. eos_ids: None = the model's defaults (`default_eos_ids`), [] = never
+    stop early. params/lora: override the model's params (e.g. base + adapters) and LoRA settings."""
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(float(temperature), float(top_p), int(top_k))
+    eos = tuple(default_eos_ids(model) if eos_ids is None else eos_ids)
+    cfg = model.cfg if lora is None else model.cfg.replace(lora=lora)
+    tokens_BxP, segments_BxP = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
+    out_BxN, _ = generate_padded(
+        model.params if params is None else params, jnp.asarray(tokens_BxP), jnp.asarray(segments_BxP),
+        jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(max_new_tokens), jnp.uint32(seed & 0xFFFFFFFF),
+        cfg=cfg, new_bucket=bucket_length(max_new_tokens), sampling=sampling)
+    return [cut_at_eos(row, eos, max_new_tokens) for row in np.asarray(out_BxN)]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[dict]], chat: bool = True) -> list[list[int]]:
+    """Texts (one user message each) or message lists -> token ids, through the chat template
+    with the generation prompt appended; chat=False encodes plain strings as they are."""
+    if not chat:
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("chat=False takes plain strings, not message lists")
+        return [tokenizer(p)["input_ids"] for p in prompts]
+    ids = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def generate_text(
+    model,
+    prompts: Sequence[str] | Sequence[Sequence[dict]],
+    max_new_tokens: int,
+    chat: bool = True,
+    **kwargs: Any,
+) -> list[str]:
+    """Complete texts or chats -> the generated text per prompt (special tokens skipped).
+
+    Strings are single user messages, or raw text with chat=False; message lists
+    ([{'role': ..., 'content': ...}, ...]) go through the chat template. kwargs: see `generate`."""
+    if model.tokenizer is None:
+        raise ValueError("generate_text needs the model's tokenizer: load it with with_tokenizer=True")
+    ids = generate(model, encode_prompts(model.tokenizer, prompts, chat), max_new_tokens, **kwargs)
+    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxtune.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="built-in alias, HF model folder or hub id (default with --adapter: "
+                                            "the run's model.path / the adapter's base model)")
+    parser.add_argument("--adapter", help="a jaxtune workdir (its last checkpoint) or a PEFT adapter folder")
+    parser.add_argument("--prompt", required=True, help="user message (or raw text with --raw)")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="param and compute dtype")
+    args = parser.parse_args(argv)
+    if not (args.model or args.adapter):
+        parser.error("give --model, or --adapter=DIR (a jaxtune workdir or a PEFT adapter folder)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from jaxtune import inference
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        model, params, lora = inference.load_for_inference(args.model, args.adapter, args.dtype)
+    except inference.LOAD_ERRORS as e:
+        sys.exit(f"error: {e}")
+    [text] = generate_text(model, [args.prompt], args.max_new_tokens, chat=not args.raw,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                           params=params, lora=lora)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
