@@ -1,0 +1,155 @@
+"""`jaxtune.train.run` end to end on a tiny real task, and `python -m jaxtune.export` of the run it leaves.
+
+One LoRA run (module fixture) of the tiny random Llama with SmolLM2's tokenizer and ChatML template on a
+repetitive chat task: the loss falls, the frozen base is untouched bit for bit, the workdir holds every
+artifact, and both exports load in peft / transformers with jaxtune's logits.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtune import api, checkpoint, lora, train
+
+# The shared 24-step run compiles a sharded step for the 8 simulated devices: minutes on a busy 2-core box.
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLORS = ["red", "green", "blue", "yellow"]
+STEPS = 24
+
+
+def tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny_config", REPO_ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def write_chat_jsonl(path: pathlib.Path, n: int = 16) -> pathlib.Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Name color number {i % 4}."},
+                                             {"role": "assistant", "content": COLORS[i % 4]}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_chat_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_run")
+    data = write_chat_jsonl(root / "train.jsonl")
+    config = tiny_config()
+    config.model.path = str(tiny_chat_model)
+    config.data.train = str(data)
+    config.data.eval = str(data)
+    config.optim.lr = 3e-3
+    config.train.steps = STEPS
+    config.train.eval_every = 12
+    config.checkpoint.every = 12
+    config.checkpoint.async_save = True
+    result = train.run(config, root / "run")
+    return result
+
+
+def records(workdir: pathlib.Path, kind: str) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_loss_falls_on_a_small_real_task(lora_run):
+    train_records = records(lora_run.workdir, "train")
+    assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))  # log_every=1
+    first = np.mean([r["loss"] for r in train_records[:3]])
+    last = np.mean([r["loss"] for r in train_records[-3:]])
+    assert last < first - 2.0, (first, last)
+    evals = records(lora_run.workdir, "eval")
+    assert [r["step"] for r in evals] == [0, 12, 24]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 2.0
+    assert lora_run.eval_after["loss"] == pytest.approx(evals[-1]["loss"])
+    assert lora_run.train_loss == pytest.approx(train_records[-1]["loss"])
+
+
+def test_lora_leaves_the_frozen_base_bit_identical(lora_run, tiny_chat_model):
+    base = api.load(str(tiny_chat_model), with_tokenizer=False).params
+    frozen = jax.tree_util.tree_flatten_with_path(lora_run.frozen)[0]
+    base_flat = dict((checkpoint._leaf_path(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(base)[0])
+    assert {checkpoint._leaf_path(kp) for kp, _ in frozen} == set(base_flat)
+    for kp, leaf in frozen:
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(base_flat[checkpoint._leaf_path(kp)]))
+    trained = jax.tree_util.tree_flatten_with_path(lora_run.params)[0]
+    assert trained and all(checkpoint._leaf_path(kp).rsplit("/", 1)[-1] in ("lora_a", "lora_b") for kp, _ in trained)
+    # ... and the adapters did train: every lora_b left its zero init.
+    assert all(np.abs(np.asarray(leaf)).max() > 0 for kp, leaf in trained
+               if checkpoint._leaf_path(kp).endswith("lora_b") and "embed_tokens" not in checkpoint._leaf_path(kp))
+
+
+def test_workdir_holds_metrics_tensorboard_summary_config_and_checkpoints(lora_run):
+    workdir = lora_run.workdir
+    for record in records(workdir, "train"):
+        assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(record)
+        assert np.isfinite(record["loss"]) and record["tokens_per_s"] > 0
+    lrs = [r["lr"] for r in records(workdir, "train")]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(3e-3)  # warmup from 0 to the peak, then cosine
+    for record in records(workdir, "eval"):
+        assert {"loss", "perplexity"} <= set(record)
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((workdir / "reports" / "summary.json").read_text())
+    assert summary["final_step"] == STEPS and summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["steps"] == STEPS and config["lora"]["rank"] == 4
+    assert sorted(checkpoint.step_dirs(workdir / "checkpoints")) == [12, 24]
+
+
+# ============================================================================================
+# Export of the real run: `python -m jaxtune.export`
+
+
+def export_cli(workdir: pathlib.Path, fmt: str, out: pathlib.Path) -> pathlib.Path:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "jaxtune.export", f"--workdir={workdir}", f"--format={fmt}",
+                             f"--out={out}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert pathlib.Path(result.stdout.strip().splitlines()[-1]) == out
+    return out
+
+
+TOKENS = np.array([[1, 9, 120, 4000, 3, 49151, 17, 2], [7, 7, 1, 254, 30000, 64, 33, 2]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def run_logits(lora_run, tiny_chat_model):
+    model = api.load(str(tiny_chat_model), with_tokenizer=False)
+    ours = api.logits(model, TOKENS, params=lora.merge_trees(model.params, lora_run.params), lora=lora_run.cfg.lora)
+    assert np.abs(ours - api.logits(model, TOKENS)).max() > 1e-2  # the trained adapters matter
+    return ours
+
+
+def torch_logits(model):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(TOKENS, dtype=torch.long)).logits.float().numpy()
+
+
+def test_peft_export_of_the_run_loads_in_peft_with_the_same_logits(lora_run, run_logits, tiny_chat_model, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    out = export_cli(lora_run.workdir, "peft", tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model, attn_implementation="eager").eval()
+    model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    np.testing.assert_allclose(torch_logits(model), run_logits, atol=1e-4)
+
+
+def test_merged_export_of_the_run_loads_in_transformers_with_the_same_logits(lora_run, run_logits, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = export_cli(lora_run.workdir, "merged", tmp_path / "merged")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    np.testing.assert_allclose(torch_logits(model), run_logits, atol=1e-4)
