@@ -13,8 +13,9 @@ def get_config():
     config.lora.enabled = False
     config.optim.lr = 1e-5
     config.optim.weight_decay = 0.0
-    config.train.batch_size = 8
+    config.train.batch_size = 4  # the same data budget as configs/lora_llama.py
     config.train.steps = 80
     config.train.eval_every = 40
+    config.train.eval_batches = 16
     config.data.max_len = 256
     return config

@@ -13,8 +13,11 @@ def get_config():
     config = base_config()
     config.lora.enabled = True
     config.optim.lr = 1e-3  # LoRA on a small model learns fast; 1e-4 is the safer default for 7B+ models
-    config.train.batch_size = 8
+    # Sized for 2 CPU cores: ~300 examples seen, held-out loss on 64 validation examples, accuracy
+    # on 48 test examples. On a GPU raise batch_size, steps and eval_batches freely.
+    config.train.batch_size = 4
     config.train.steps = 80
     config.train.eval_every = 40
+    config.train.eval_batches = 16
     config.data.max_len = 256
     return config

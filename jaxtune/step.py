@@ -56,7 +56,10 @@ def train_step(state, frozen, batch, *, cfg: ModelConfig, tx: optax.GradientTran
     grads = jax.tree_util.tree_map(lambda g, p: (g / denominator).astype(p.dtype), grads_sum, state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss_sum / denominator, "target_tokens": tokens, "grad_norm": optax.tree.norm(grads)}
+    # An update can overflow while the loss it was computed from is still finite: check the weights.
+    params_finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
+    metrics = {"loss": loss_sum / denominator, "target_tokens": tokens, "grad_norm": optax.tree.norm(grads),
+               "params_finite": params_finite}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
     return new_state, metrics
 

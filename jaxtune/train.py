@@ -266,7 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
                                         trainable=state["params"],
                                         batch_size=config.train.batch_size // config.optim.grad_accum,
                                         seq_len=config.data.max_len)
-        log.info("memory per device:\n%s", report["text"])
+        log.info("%s", report["text"])
 
     # ---- Loop ------------------------------------------------------------------------------
     metrics_log = MetricsLog(workdir, is_main)
@@ -293,10 +293,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
         due_for_save = checkpointer.due(step_num, final=step_num == num_steps)
         if step_num % config.train.log_every == 0 or step_num == num_steps or due_for_save:
             loss = float(metrics["loss"])  # checked before every save too: a diverged state is never saved
-            if not math.isfinite(loss):
+            if not (math.isfinite(loss) and bool(metrics["params_finite"])):
                 checkpointer.close()
+                what = f"loss is {loss}" if not math.isfinite(loss) else "the updated weights are not finite"
                 raise TrainingError(
-                    f"loss is {loss} at step {step_num}: training diverged. Lower optim.lr "
+                    f"{what} at step {step_num}: training diverged. Lower optim.lr "
                     f"(now {config.optim.lr}), keep optim.clip_norm > 0, or use model.dtype=float32. "
                     f"Checkpoints saved before this step are intact in {checkpointer.directory}.")
         if step_num % config.train.log_every == 0 or step_num == num_steps:
