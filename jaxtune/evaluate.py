@@ -38,6 +38,8 @@ from collections.abc import Sequence
 
 import jax
 
+import jaxtune
+
 from jaxtune import data as data_lib
 from jaxtune import generate as generate_lib
 from jaxtune import step as step_lib
@@ -395,7 +397,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxtune import inference
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    jaxtune.setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     adapter = args.workdir or args.adapter
     run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text()) \

@@ -51,6 +51,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
+
+import jaxtune
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -767,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="merged weights dtype (default: the base model's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    jaxtune.setup_logging()
     from jaxtune.checkpoint import CheckpointError
 
     try:

@@ -24,6 +24,8 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+import jaxtune
 import numpy as np
 
 from jaxtune import checkpoint, distributed, evaluate, hf, lora, optim, sharding, step, tasks, vocab
@@ -387,20 +389,6 @@ class _progress_bar:
 # Command line
 
 
-def setup_logging() -> None:
-    """jaxtune's own messages at INFO; JAX, orbax and absl (which log every file rename) at WARNING."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    jaxtune_log = logging.getLogger("jaxtune")
-    jaxtune_log.handlers[:] = [handler]
-    jaxtune_log.setLevel(logging.INFO)
-    jaxtune_log.propagate = False
-
-
 def default_workdir(config_path: str) -> str:
     return str(pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem)
 
@@ -433,7 +421,7 @@ def main(argv):
 
     del argv
     FLAGS = flags.FLAGS
-    setup_logging()
+    jaxtune.setup_logging()
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     try:
         distributed.maybe_initialize()  # multi-host launches: before anything touches a JAX device
