@@ -33,7 +33,6 @@ import os
 from collections.abc import Mapping
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxtune import sharding

@@ -91,3 +91,17 @@ def tiny_chat_model(tmp_path_factory, smollm2_folder):
         if (smollm2_folder / name).exists():
             shutil.copy(smollm2_folder / name, folder / name)
     return folder
+
+
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+def write_chat_jsonl(path: pathlib.Path, n: int = 16) -> pathlib.Path:
+    """A tiny repetitive chat task in the messages format (user asks a colour, assistant names it)."""
+    import json
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Name color number {i % 4}."},
+                                             {"role": "assistant", "content": COLORS[i % 4]}]}) + "\n")
+    return path

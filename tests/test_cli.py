@@ -4,37 +4,26 @@ Every run is the tiny random Llama with SmolLM2's tokenizer (`tiny_chat_model`),
 on one CPU device (XLA compiles are shared through a per-session persistent cache). Long ones are slow-marked.
 """
 
-import json
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import write_chat_jsonl
 from jaxtune import checkpoint as ckpt_lib
+from test_checkpoint import kill_after_first_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-COLORS = ["red", "green", "blue", "yellow"]
 
 
 # ============================================================================================
 # Helpers
-
-
-def write_chat_jsonl(path: pathlib.Path, n: int = 16) -> pathlib.Path:
-    """A tiny repetitive chat task in the messages format."""
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Name color number {i % 4}."},
-                                             {"role": "assistant", "content": COLORS[i % 4]}]}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +62,6 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, *named: str):
         assert text in result.stderr, f"{text!r} not in:\n{result.stderr[-3000:]}"
 
 
-def kill_after_first_checkpoint(command: list[str], checkpoints: pathlib.Path, env: dict,
-                                timeout_s: float = 400.0) -> list[int]:
-    """Run `command`; SIGKILL it as soon as a committed checkpoint `checkpoints/N` exists."""
-    log_path = checkpoints.parent.parent / f"{checkpoints.parent.name}-killed.log"
-    checkpoints.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as output:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                committed = sorted(ckpt_lib.step_dirs(checkpoints)) if checkpoints.exists() else []
-                if committed:
-                    os.kill(process.pid, signal.SIGKILL)
-                    process.wait()
-                    return committed
-                if process.poll() is not None:
-                    break
-                time.sleep(0.02)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    raise AssertionError(f"exit {process.returncode} or timeout before a checkpoint:\n{log_path.read_text()[-4000:]}")
 
 
 def stored_state(workdir: pathlib.Path, step: int) -> dict:
@@ -171,7 +137,8 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run_bit_for_bit(tiny_chat_m
 
     killed = tmp_path / "killed"
     command = train_command(tiny_chat_model, chat_jsonl, killed, *overrides)
-    committed = kill_after_first_checkpoint(command, killed / "checkpoints", cli_env)
+    committed = kill_after_first_checkpoint(command, killed / "checkpoints", cwd=REPO_ROOT, env=cli_env,
+                                            timeout_s=400.0)
     assert committed and max(committed) < 8, committed
     resumed = run_cli(command, cli_env)
     assert_ok(resumed)

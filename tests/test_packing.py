@@ -4,7 +4,6 @@ positions restart per example, and a packed run trains end to end through train.
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import api, data, step

@@ -3,8 +3,6 @@
 import functools
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -104,7 +102,6 @@ def test_compiled_lora_step_holds_no_gradient_or_optimizer_buffers_for_frozen_we
         fn = jax.jit(functools.partial(step.train_step, cfg=cfg, tx=tx, grad_accum=1), donate_argnums=0)
         analysis = fn.lower(state, frozen, batch).compile().memory_analysis()
         memory[full] = analysis
-        state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state) if hasattr(x, "nbytes"))
         opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state["opt_state"]))
         param_bytes = lora.count_params(model.params) * 4
         if not full:

@@ -16,13 +16,13 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import write_chat_jsonl
 from jaxtune import api, checkpoint, lora, train
 
 # The shared 24-step run compiles a sharded step for the 8 simulated devices: minutes on a busy 2-core box.
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-COLORS = ["red", "green", "blue", "yellow"]
 STEPS = 24
 
 
@@ -31,14 +31,6 @@ def tiny_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
-
-
-def write_chat_jsonl(path: pathlib.Path, n: int = 16) -> pathlib.Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Name color number {i % 4}."},
-                                             {"role": "assistant", "content": COLORS[i % 4]}]}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
