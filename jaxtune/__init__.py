@@ -11,15 +11,18 @@ import sys
 def setup_logging() -> None:
     """For the CLIs: jaxtune's messages at INFO; JAX, orbax and absl (which log every file) at WARNING.
 
-    One stderr handler on the root logger replaces absl's, so records still propagate (pytest's
-    caplog and users' handlers keep working).
+    One stderr handler on the root logger takes the place of absl's; other handlers (pytest's
+    caplog, a user's) stay, and records still propagate to them.
     """
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers
+                        if not isinstance(h, absl_logging.ABSLHandler) and not getattr(h, "jaxtune", False)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
+    handler.jaxtune = True
+    root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("jaxtune").setLevel(logging.INFO)
