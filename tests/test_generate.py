@@ -19,7 +19,7 @@ import torch
 
 from conftest import build_tiny_hf_model
 from jaxtune import api, generate as gen, lora
-from jaxtune.models.llama import LoRAConfig
+from jaxtune.models.llama import Llama, LoRAConfig, unstack_cache
 
 FAMILIES = ["llama3.2-tied", "qwen2", "qwen3", "mistral"]
 LENGTHS = [5, 12, 1, 9]
@@ -92,14 +92,20 @@ def test_cached_decode_step_matches_full_forward(varied_models, family):
     tokens_BxP, segments_BxP = gen.left_pad(prompts, width)
     prefill = jax.jit(gen.prefill, static_argnums=(1, 4))
     step = jax.jit(gen.decode_step, static_argnums=1)
-    logits_BxV, cache, position_B = prefill(params, cfg, tokens_BxP, segments_BxP, width + 8)
+    layer_params = gen.per_layer_params(params, cfg)
+    stacked = prefill(params, cfg, tokens_BxP, segments_BxP, width + 8)
+    cache = unstack_cache(stacked)
     full = api.logits(model, [p + e for p, e in zip(prompts, extra)])  # right-padded reference
     lengths = np.array(list(map(len, prompts)))
-    np.testing.assert_allclose(logits_BxV, full[np.arange(4), lengths - 1], atol=1e-4)
-    for i in range(len(extra[0])):
-        token_B = np.array([e[i] for e in extra], np.int32)
-        logits_BxV, cache = step(params, cfg, token_B, position_B + i, cache, width + i)
-        np.testing.assert_allclose(logits_BxV, full[np.arange(4), lengths + i], atol=1e-4)
+    # The model's own scanned path with a stacked cache agrees too.
+    scanned = Llama(cfg).apply({"params": params}, tokens_BxP[:, -1:], lengths[:, None] - 1, np.ones((4, 1), np.int32),
+                               cache=stacked, cache_index=width - 1)[0]
+    np.testing.assert_allclose(scanned[:, 0], full[np.arange(4), lengths - 1], atol=1e-4)
+    # The last prompt token, then the extra tokens, one decode step each.
+    feed = [tokens_BxP[:, -1]] + [np.array([e[i] for e in extra], np.int32) for i in range(len(extra[0]))]
+    for i, token_B in enumerate(feed):
+        logits_BxV, cache = step(layer_params, cfg, token_B, lengths - 1 + i, cache, width - 1 + i)
+        np.testing.assert_allclose(logits_BxV, full[np.arange(4), lengths - 1 + i], atol=1e-4)
 
 
 def test_sampling_is_reproducible_and_seeded(varied_models):

@@ -231,46 +231,19 @@ def attention_mask(q_slots_BxT, q_segments_BxT, k_slots_BxS, k_segments_BxS, sli
     return mask[:, None, :, :]
 
 
-def cached_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segments_BxT, layer_cache, cache_index, sliding_window):
-    """Attention of T new tokens (written at cache slots [cache_index, cache_index + T)) over the cache
-    slots before cache_index and over themselves, with one softmax across both parts. q is pre-scaled.
-
-    The cache is only read, in its own [B, S, K, Dh] layout: no copy, no transpose, no update (a
-    one-token step reduces over it directly), so a decode step costs one pass over the cache.
-    Scores and softmax are float32; masked scores use a finite minimum, so pad rows stay finite.
-    """
-    B, T, H, Dh = q_BxTxHxDh.shape
-    K = k_BxTxKxDh.shape[2]
-    S = layer_cache["k"].shape[1]
-    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
-    old_k_BxSxKxDh, old_v_BxSxKxDh = layer_cache["k"], layer_cache["v"]
-    q_slots_BxT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
-    k_slots_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    old_mask_BxTxS = attention_mask(q_slots_BxT, segments_BxT, k_slots_BxS, layer_cache["segments"],
-                                    sliding_window)[:, 0] & (k_slots_BxS < cache_index)[:, None, :]
-    new_mask_BxTxT = attention_mask(q_slots_BxT, segments_BxT, q_slots_BxT, segments_BxT, sliding_window)[:, 0]
+def one_token_attention(q_BxHxDh, keys_BxSxKxDh, values_BxSxKxDh, mask_BxS, scale):
+    """Attention of one query per row over a cache (decoding), as multiply-reduce fusions over the
+    cache in its own [B, S, K, Dh] layout: one pass, no transposes or copies. float32 softmax."""
+    B, H, Dh = q_BxHxDh.shape
+    K = keys_BxSxKxDh.shape[2]
     f32 = jnp.float32
-    if T == 1:  # decode: multiply-reduce fusions read the cache once, in place
-        old_BxTxKxGxS = jnp.sum(q_BxTxKxGxDh[:, 0, None].astype(f32) * old_k_BxSxKxDh[:, :, :, None, :].astype(f32),
-                                axis=-1).transpose(0, 2, 3, 1)[:, None]
-    else:
-        old_BxTxKxGxS = jnp.einsum("btkgd,bskd->btkgs", q_BxTxKxGxDh, old_k_BxSxKxDh, preferred_element_type=f32)
-    new_BxTxKxGxU = jnp.einsum("btkgd,bukd->btkgu", q_BxTxKxGxDh, k_BxTxKxDh, preferred_element_type=f32)
-    lowest = jnp.finfo(f32).min
-    old_BxTxKxGxS = jnp.where(old_mask_BxTxS[:, :, None, None, :], old_BxTxKxGxS, lowest)
-    new_BxTxKxGxU = jnp.where(new_mask_BxTxT[:, :, None, None, :], new_BxTxKxGxU, lowest)
-    top = jnp.maximum(old_BxTxKxGxS.max(-1, keepdims=True), new_BxTxKxGxU.max(-1, keepdims=True))
-    p_old, p_new = jnp.exp(old_BxTxKxGxS - top), jnp.exp(new_BxTxKxGxU - top)
-    total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-    if T == 1:
-        out_old = jnp.sum(p_old[:, 0].transpose(0, 3, 1, 2)[..., None] * old_v_BxSxKxDh[:, :, :, None, :].astype(f32),
-                          axis=1)[:, None]
-    else:
-        out_old = jnp.einsum("btkgs,bskd->btkgd", p_old.astype(old_v_BxSxKxDh.dtype), old_v_BxSxKxDh,
-                             preferred_element_type=f32)
-    out_new = jnp.einsum("btkgu,bukd->btkgd", p_new.astype(v_BxTxKxDh.dtype), v_BxTxKxDh, preferred_element_type=f32)
-    out_BxTxKxGxDh = (out_old + out_new) / total
-    return out_BxTxKxGxDh.reshape(B, T, H, Dh).astype(q_BxTxHxDh.dtype)
+    q_BxKxGxDh = q_BxHxDh.reshape(B, K, H // K, Dh).astype(f32) * scale
+    scores_BxSxKxG = jnp.sum(q_BxKxGxDh[:, None] * keys_BxSxKxDh[:, :, :, None, :].astype(f32), axis=-1)
+    scores_BxSxKxG = jnp.where(mask_BxS[:, :, None, None], scores_BxSxKxG, jnp.finfo(f32).min)
+    weights_BxSxKxG = jnp.exp(scores_BxSxKxG - scores_BxSxKxG.max(axis=1, keepdims=True))
+    weights_BxSxKxG = weights_BxSxKxG / weights_BxSxKxG.sum(axis=1, keepdims=True)
+    out_BxKxGxDh = jnp.sum(weights_BxSxKxG[..., None] * values_BxSxKxDh[:, :, :, None, :].astype(f32), axis=1)
+    return out_BxKxGxDh.reshape(B, H, Dh).astype(q_BxHxDh.dtype)
 
 
 class Attention(nn.Module):
@@ -297,18 +270,27 @@ class Attention(nn.Module):
         q_BxTxHxDh = apply_rope(q_BxTxHxDh, positions_BxT, inv_freq)
         k_BxTxKxDh = apply_rope(k_BxTxKxDh, positions_BxT, inv_freq)
 
-        scale = 1.0 / math.sqrt(Dh)
+        q_slots_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if layer_cache is None:
-            q_slots_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-            mask = attention_mask(q_slots_BxT, segments_BxT, q_slots_BxT, segments_BxT, cfg.sliding_window)
-            out_BxTxHxDh = jax.nn.dot_product_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=mask, scale=scale)
+            keys, values, k_slots, k_segments = k_BxTxKxDh, v_BxTxKxDh, q_slots_BxT, segments_BxT
             new_cache = None
         else:
-            out_BxTxHxDh = cached_attention(q_BxTxHxDh * scale, k_BxTxKxDh, v_BxTxKxDh, segments_BxT,
-                                            layer_cache, cache_index, cfg.sliding_window)
-            # Only this chunk's keys/values: Decoder writes them into the stacked cache after the scan.
-            new_cache = {"k": k_BxTxKxDh.astype(layer_cache["k"].dtype),
-                         "v": v_BxTxKxDh.astype(layer_cache["v"].dtype), "segments": segments_BxT}
+            # Write this chunk at [cache_index, cache_index + T) and attend over the whole cache.
+            keys = jax.lax.dynamic_update_slice(layer_cache["k"], k_BxTxKxDh.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
+            values = jax.lax.dynamic_update_slice(layer_cache["v"], v_BxTxKxDh.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+            k_segments = jax.lax.dynamic_update_slice(layer_cache["segments"], segments_BxT, (0, cache_index))
+            S = keys.shape[1]
+            k_slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            q_slots_BxT = q_slots_BxT + cache_index
+            new_cache = {"k": keys, "v": values, "segments": k_segments}
+
+        mask = attention_mask(q_slots_BxT, segments_BxT, k_slots, k_segments, cfg.sliding_window)
+        if layer_cache is not None and T == 1:  # decoding: read the cache in place
+            out_BxTxHxDh = one_token_attention(q_BxTxHxDh[:, 0], keys, values, mask[:, 0, 0], 1.0 / math.sqrt(Dh))[:, None]
+        else:
+            out_BxTxHxDh = jax.nn.dot_product_attention(
+                q_BxTxHxDh, keys.astype(dtype), values.astype(dtype), mask=mask, scale=1.0 / math.sqrt(Dh)
+            )
         out = proj("o_proj", cfg.hidden_size, cfg.o_bias)(out_BxTxHxDh.reshape(B, T, H * Dh))
         return out, new_cache
 
@@ -331,7 +313,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; written as a scan body: (h, per-layer cache) -> (h, this chunk's per-layer k/v)."""
+    """One pre-norm block; written as a scan body: (h, per-layer cache) -> (h, new per-layer cache)."""
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -361,17 +343,12 @@ def remat_policy(name: str):
     return policies[name]
 
 
-def write_cache_chunk(cache, chunk, cache_index):
-    """Store the stacked keys/values/segments of T new tokens ([L, B, T, ...]) at slot cache_index."""
-    return {name: jax.lax.dynamic_update_slice(
-        cache[name], chunk[name], (0, 0, cache_index) + (0,) * (cache[name].ndim - 3)) for name in cache}
-
-
 class Decoder(nn.Module):
-    """`model` in HF naming: embed_tokens, scanned layers, final norm."""
+    """`model` in HF naming: embed_tokens, scanned layers (or unrolled ones, see Llama), final norm."""
 
     cfg: ModelConfig
     deterministic: bool = True
+    unroll_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, segments_BxT, cache, cache_index):
@@ -379,6 +356,16 @@ class Decoder(nn.Module):
         dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
         embed = Embed(cfg.vocab_size, cfg.hidden_size, lora_for(cfg, "embed_tokens"), dtype, pdtype, name="embed_tokens")
         h_BxTxD = embed(tokens_BxT)
+
+        if self.unroll_layers:
+            new_cache = None if cache is None else []
+            for i in range(cfg.num_layers):
+                h_BxTxD, layer_cache = DecoderLayer(cfg, self.deterministic, name=f"layers_{i}")(
+                    h_BxTxD, positions_BxT, segments_BxT, cache_index, None if cache is None else cache[i])
+                if cache is not None:
+                    new_cache.append(layer_cache)
+            h_BxTxD = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="norm")(h_BxTxD)
+            return h_BxTxD, new_cache, embed
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
@@ -390,8 +377,7 @@ class Decoder(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
         )(cfg, self.deterministic, name="layers")
-        h_BxTxD, new_chunk = layers(h_BxTxD, positions_BxT, segments_BxT, cache_index, cache)
-        new_cache = None if cache is None else write_cache_chunk(cache, new_chunk, cache_index)
+        h_BxTxD, new_cache = layers(h_BxTxD, positions_BxT, segments_BxT, cache_index, cache)
         h_BxTxD = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="norm")(h_BxTxD)
         return h_BxTxD, new_cache, embed
 
@@ -402,17 +388,24 @@ class Llama(nn.Module):
     cache: None (training / scoring) or a dict from `init_cache` whose `k`/`v` are [L, B, S, K, Dh]
     and `segments` is [L, B, S]; `cache_index` (int32 scalar) is where this call's T tokens are
     written. Query row t attends to cache slots <= cache_index + t of its own segment.
+
+    unroll_layers=True (decoding): the layers run as a Python loop, with params `model/layers_{i}`
+    (`unstack_layers`) and the cache as a list of per-layer dicts (`unstack_cache`). Same math; every
+    layer's weights and cache are then separate buffers that XLA reads and updates in place, whereas
+    a scan slices each layer's weights and cache out of the stack with a copy, on every step (on CPU
+    that copy costs about as much as the step's matmuls). Compiles slower, so training keeps the scan.
     """
 
     cfg: ModelConfig
     deterministic: bool = True
+    unroll_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, segments_BxT, cache=None, cache_index=0):
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
         cache_index = jnp.asarray(cache_index, jnp.int32)
-        h_BxTxD, new_cache, embed = Decoder(cfg, self.deterministic, name="model")(
+        h_BxTxD, new_cache, embed = Decoder(cfg, self.deterministic, self.unroll_layers, name="model")(
             tokens_BxT, positions_BxT, segments_BxT, cache, cache_index
         )
         head_lora = lora_for(cfg, "lm_head")
@@ -434,6 +427,24 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> d
         "v": jnp.zeros(shape, dtype),
         "segments": jnp.zeros((cfg.num_layers, batch_size, max_len), jnp.int32),
     }
+
+
+def unstack_layers(params: dict, num_layers: int, split=None) -> dict:
+    """Params with stacked `model/layers` ([L, ...] leaves) -> `model/layers_0..L-1`, for unroll_layers.
+
+    split(leaf) -> the L per-layer arrays (default: leaf[i])."""
+    split = split or (lambda leaf: [leaf[i] for i in range(num_layers)])
+    model = dict(params["model"])
+    leaves, treedef = jax.tree_util.tree_flatten(model.pop("layers"))
+    per_leaf = [split(leaf) for leaf in leaves]
+    for i in range(num_layers):
+        model[f"layers_{i}"] = jax.tree_util.tree_unflatten(treedef, [layers[i] for layers in per_leaf])
+    return {**params, "model": model}
+
+
+def unstack_cache(cache: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
+    """A stacked cache from `init_cache` -> one dict per layer, for unroll_layers."""
+    return [{name: value[i] for name, value in cache.items()} for i in range(cache["k"].shape[0])]
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
