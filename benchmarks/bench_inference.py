@@ -164,7 +164,8 @@ def table(args: argparse.Namespace, jt: dict | None, hf: dict | None) -> str:
         ours, theirs = (jt or {}).get(key, (float("nan"),) * 2), (hf or {}).get(key, (float("nan"),) * 2)
         lines.append(f"{title:<46} {ours[0]:>10.1f} {theirs[0]:>10.1f} {ours[0] / theirs[0]:>6.2f}x"
                      f"   {max(ours[1], 0.0):>12.1f} {max(theirs[1], 0.0):>12.1f}")
-    for key, title in (("load_rss_mib", "peak RSS after loading the model, MiB"), ("peak_rss_mib", "peak RSS over the whole run, MiB")):
+    for key, title in (("load_rss_mib", "peak RSS after loading the model, MiB"),
+                       ("peak_rss_mib", "peak RSS over the whole run, MiB")):
         ours, theirs = (jt or {}).get(key, float("nan")), (hf or {}).get(key, float("nan"))
         lines.append(f"{title:<46} {ours:>10.0f} {theirs:>10.0f} {ours / theirs:>6.2f}x")
     return "\n".join(lines)

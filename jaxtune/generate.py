@@ -154,9 +154,10 @@ def per_layer_params(params, cfg: ModelConfig):
     """Stacked params -> the per-layer params of `decode_step`. Host (CPU) arrays are split into
     zero-copy views; accelerator arrays into slices (one copy, fast there)."""
     def split(leaf):
-        if isinstance(leaf, jax.Array) and all(d.platform == "cpu" for d in leaf.devices()) and len(leaf.devices()) == 1:
+        devices = leaf.devices() if isinstance(leaf, jax.Array) else set()
+        if len(devices) == 1 and next(iter(devices)).platform == "cpu":
             host = np.asarray(leaf)
-            return [jax.device_put(host[i], next(iter(leaf.devices()))) for i in range(cfg.num_layers)]
+            return [jax.device_put(host[i], next(iter(devices))) for i in range(cfg.num_layers)]
         return [leaf[i] for i in range(cfg.num_layers)]
 
     return unstack_layers(params, cfg.num_layers, split)

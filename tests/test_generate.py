@@ -170,7 +170,8 @@ def test_lora_params_generate_like_the_merged_model(varied_models):
     prompts = ragged_prompts(7)
     ours = gen.generate(model, prompts, NEW_TOKENS, params=params, lora=cfg, eos_ids=[])
     merged, merged_cfg = lora.merge_adapters(params, model.cfg.replace(lora=cfg))
-    assert ours == gen.generate(api.LoadedModel(merged_cfg, merged, None, model.folder), prompts, NEW_TOKENS, eos_ids=[])
+    merged_model = api.LoadedModel(merged_cfg, merged, None, model.folder)
+    assert ours == gen.generate(merged_model, prompts, NEW_TOKENS, eos_ids=[])
     assert ours != gen.generate(model, prompts, NEW_TOKENS, eos_ids=[])
 
 

@@ -286,7 +286,8 @@ class Attention(nn.Module):
 
         mask = attention_mask(q_slots_BxT, segments_BxT, k_slots, k_segments, cfg.sliding_window)
         if layer_cache is not None and T == 1:  # decoding: read the cache in place
-            out_BxTxHxDh = one_token_attention(q_BxTxHxDh[:, 0], keys, values, mask[:, 0, 0], 1.0 / math.sqrt(Dh))[:, None]
+            out_BxTxHxDh = one_token_attention(q_BxTxHxDh[:, 0], keys, values, mask[:, 0, 0],
+                                               1.0 / math.sqrt(Dh))[:, None]
         else:
             out_BxTxHxDh = jax.nn.dot_product_attention(
                 q_BxTxHxDh, keys.astype(dtype), values.astype(dtype), mask=mask, scale=1.0 / math.sqrt(Dh)
