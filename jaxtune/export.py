@@ -29,10 +29,11 @@ embed_tokens / lm_head carry an adapter or the vocabulary was extended, as peft'
 `...model.embed_tokens[.base_layer].weight` [V, D] and `...lm_head[.base_layer].weight` [V, D],
 `.base_layer` when that module carries an adapter; tied models write both names, as peft does.
 
-A tied model whose lm_head carries an adapter cannot stay tied once merged (E + dE for the input and
-E + dH^T for the head differ): the merged export unties it (lm_head.weight written,
-tie_word_embeddings false). peft's own merge_and_unload keeps the tie and gets the logits wrong there
-(peft issue #2777).
+A tied model with an embed_tokens or lm_head adapter cannot stay tied once merged: in training (and
+in peft) the input embedding is E + dE while the head is the base E (+ dH^T of its own adapter), and
+one shared matrix holds only one of them. The merged export unties it (lm_head.weight written,
+tie_word_embeddings false), whichever of the two carries the adapter. peft's own merge_and_unload
+keeps the tie and gets the logits wrong there (peft issue #2777).
 """
 
 from __future__ import annotations
@@ -521,8 +522,9 @@ def save_merged_model(
         raise ExportError(f"{out_dir} is the source model folder; export elsewhere")
     merged, merged_cfg = lora.merge_adapters(params, cfg)
     if cfg.tie_word_embeddings and not merged_cfg.tie_word_embeddings:
-        log.info("the tied lm_head carries an adapter: the merged model is untied (lm_head.weight written, "
-                 "tie_word_embeddings=false)")
+        log.info("the tied model carries a vocabulary adapter (%s): the merged model is untied (lm_head.weight = "
+                 "the base embedding plus the head's own delta, tie_word_embeddings=false)",
+                 ",".join(t for t in cfg.lora.targets if t in lora.VOCABULARY_TARGETS))
     out_dtype = EXPORT_DTYPES[dtype]
     tensors = ((name, np.ascontiguousarray(array.astype(out_dtype, copy=False)))
                for name, array in hf.hf_tensor_items(merged, merged_cfg))

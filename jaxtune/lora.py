@@ -141,21 +141,33 @@ def lora_delta(a, b, scaling: float):
     return scaling * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
 
 
+VOCABULARY_TARGETS = ("embed_tokens", "lm_head")
+
+
+def merge_unties(cfg: ModelConfig) -> bool:
+    """Whether merging cfg's adapters must untie the head: a tied model with any vocabulary adapter.
+
+    Training computes the head from the base E (plus its own lm_head delta) and the embedding from
+    E + dE; one shared matrix can hold both only when neither carries an adapter.
+    """
+    return cfg.tie_word_embeddings and cfg.lora is not None and bool(set(VOCABULARY_TARGETS) & set(cfg.lora.targets))
+
+
 def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     """Fold every adapter into its base weight (float32, then cast back) -> (base params, cfg).
 
-    A tied model with an lm_head adapter cannot hold E + d_embed and E^T + d_head in one matrix:
-    the result is untied (lm_head kernel written separately, tie_word_embeddings False).
+    A tied model with an embed_tokens or lm_head adapter comes back untied (`merge_unties`): the
+    lm_head kernel is the base E^T plus the head's own delta, the embedding E plus its own delta,
+    tie_word_embeddings False.
     """
     if cfg.lora is None:
         return params, cfg
     scaling = cfg.lora.scaling
     base, adapters = split_trainable(params, full_finetune=False)[1], _filter(params, is_lora_path)
     merged = jax.tree_util.tree_map(lambda x: x, base)
-    untie = cfg.tie_word_embeddings and "lm_head" in adapters
-    if untie:
-        embedding = base["model"]["embed_tokens"]["embedding"]
-        merged["lm_head"] = {"kernel": embedding.T}
+    untie = merge_unties(cfg)
+    if untie:  # taken before any fold: the head never sees the embedding's delta
+        merged["lm_head"] = {"kernel": base["model"]["embed_tokens"]["embedding"].T}
 
     def fold(node: dict, adapter: dict):
         for key, sub in adapter.items():
@@ -167,7 +179,6 @@ def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
             else:
                 fold(node[key], sub)
 
-    # The tied head's adapter is folded into the untied copy; the embedding keeps only its own.
     fold(merged, adapters)
     return merged, cfg.replace(lora=None, tie_word_embeddings=cfg.tie_word_embeddings and not untie)
 

@@ -161,6 +161,33 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(tiny_models, t
         assert np.abs(torch_logits(peft_merged) - ours).max() > 1e-2
 
 
+VOCABULARY_TARGET_SETS = ["embed_tokens", "all-linear,embed_tokens", "lm_head", "embed_tokens,lm_head"]
+
+
+@pytest.mark.parametrize("family", ["smollm2", "qwen2"])  # tied and untied heads
+@pytest.mark.parametrize("targets", VOCABULARY_TARGET_SETS)
+def test_merged_export_equals_the_peft_adapter_for_vocabulary_targets(tiny_models, tmp_path, family, targets):
+    """A tied model with any vocabulary adapter is untied on merge: the head stays the base E (plus
+    its own lm_head delta), the embedding becomes E + dE, as in training and in peft."""
+    folder, _ = tiny_models(family)
+    model = api.load(str(folder), with_tokenizer=False)
+    lora_cfg = lora.lora_config(4, 8.0, 0.0, targets, rslora=False)
+    cfg = model.cfg.replace(lora=lora_cfg)
+    adapters = random_adapters(cfg, seed=11, scale=0.2)
+    ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
+    assert np.abs(ours - api.logits(model, TOKENS)).max() > 1e-2  # the adapters matter
+
+    adapter_dir = export.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder))
+    peft_logits = torch_logits(peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(adapter_dir)).eval())
+    np.testing.assert_allclose(peft_logits, ours, atol=1e-4)
+
+    out = export.save_merged_model(lora.merge_trees(model.params, adapters), cfg, tmp_path / "merged",
+                                   source_folder=folder)
+    merged = fresh_hf_model(out)
+    np.testing.assert_allclose(torch_logits(merged), peft_logits, atol=1e-4)
+    assert merged.config.tie_word_embeddings is False
+
+
 def test_merged_export_of_linear_adapters_stays_tied_and_casts(tiny_models, tmp_path):
     folder, _ = tiny_models("smollm2")
     model = api.load(str(folder), with_tokenizer=False)
