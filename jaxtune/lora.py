@@ -33,20 +33,23 @@ Path = tuple[str, ...]
 
 
 def parse_targets(spec: str | Iterable[str]) -> tuple[str, ...]:
-    """'q,v' / 'q_proj,v_proj' / 'all-linear' / 'all' / a tuple -> canonical HF module names."""
+    """'q,v' / 'q_proj,v_proj' / 'all-linear' / 'all' / a tuple -> HF module names in ALL_TARGETS order.
+
+    Targets are a set: 'v,q' and 'q_proj,v_proj' give the same tuple, so every comparison (lora.init_from,
+    the checkpoint fingerprint) and every listing sees one canonical order.
+    """
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    targets: list[str] = []
+    targets: set[str] = set()
     for name in names:
         expanded = {"all-linear": LINEAR_TARGETS, "all": ALL_TARGETS}.get(name, (_SHORT_NAMES.get(name, name),))
         for target in expanded:
             if target not in ALL_TARGETS:
                 raise ValueError(f"lora.targets: unknown module {name!r}; choose from {', '.join(ALL_TARGETS)} "
                                  f"(or q,k,v,o,gate,up,down,embed,head, 'all-linear', 'all')")
-            if target not in targets:
-                targets.append(target)
+            targets.add(target)
     if not targets:
         raise ValueError("lora.targets is empty: name at least one module, e.g. --config.lora.targets=all-linear")
-    return tuple(targets)
+    return tuple(target for target in ALL_TARGETS if target in targets)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets, rslora: bool) -> LoRAConfig:
