@@ -30,7 +30,7 @@ Full embedding matrices (peft's `save_embedding_layers`) are `...model.embed_tok
 tied models write both names, as peft does. The command line writes them only when the run extended
 the vocabulary (data.add_tokens) or when asked to (--save_embedding_layers). peft's "auto" writes
 them whenever embed_tokens / lm_head is a target, although without new tokens they are exactly the
-base model's rows (2 GB for a 1B model in float32): our adapter stays lean, and peft loads it over
+base model's rows (1 GB per matrix for Llama-3.2-1B in float32): our adapter stays lean, and peft loads it over
 the base model as it is.
 
 A tied model with an embed_tokens or lm_head adapter cannot stay tied once merged: in training (and

@@ -182,6 +182,7 @@ def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
             else:
                 fold(node[key], sub)
 
+    # The tied head's adapter is folded into the untied copy; the embedding keeps only its own.
     fold(merged, adapters)
     return merged, cfg.replace(lora=None, tie_word_embeddings=cfg.tie_word_embeddings and not untie)
 
