@@ -82,6 +82,9 @@ STEP_DIR_NAME = re.compile(r"^\d+$")
 # a run and its resume without making the checkpoint incompatible.
 FINGERPRINT_IGNORED_MODEL_FIELDS = ("lora", "compute_dtype", "remat")
 LORA_FINGERPRINT_FIELDS = ("rank", "alpha", "targets", "rslora")
+# Fingerprint keys holding a set: compared regardless of order (checkpoints written before
+# lora.parse_targets returned one canonical order hold the targets in the order they were typed).
+UNORDERED_FINGERPRINT_KEYS = ("lora.targets",)
 
 
 class CheckpointError(OSError):
@@ -180,6 +183,8 @@ def fingerprint_differences(saved: dict, current: dict) -> list[str]:
     lines = []
     for key in sorted(set(saved_flat) | set(current_flat)):
         old, new = saved_flat.get(key, _ABSENT), current_flat.get(key, _ABSENT)
+        if key in UNORDERED_FINGERPRINT_KEYS and isinstance(old, list) and isinstance(new, list):
+            old, new = sorted(old), sorted(new)
         if old != new:
             lines.append(f"{key}: checkpoint has {_describe(old)}, this run has {_describe(new)}")
     return lines

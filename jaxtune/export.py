@@ -16,6 +16,7 @@ What it owns:
     python -m jaxtune.export --workdir=runs/lora_llama --format=peft
     python -m jaxtune.export --workdir=runs/lora_llama --format=merged --step=best --dtype=bfloat16
     python -m jaxtune.export --workdir=runs/full_llama --format=merged --out=/tmp/merged --overwrite
+    python -m jaxtune.export --workdir=runs/lora_llama --format=peft --save_embedding_layers
 
 PEFT layout (checked against peft 0.21.2 in tests/test_export.py). Every PEFT tensor is one of our
 per-layer slices transposed:
@@ -24,15 +25,19 @@ per-layer slices transposed:
     base_model.model.model.embed_tokens.lora_embedding_A              [r, V]    = lora_a.T  (no `.weight`)
     base_model.model.model.embed_tokens.lora_embedding_B              [D, r]    = lora_b.T
     base_model.model.lm_head.lora_A.weight / lora_B.weight            [r, D] / [V, r]  (tied heads too)
-Full embedding matrices (peft's `save_embedding_layers`; the command line writes them when
-embed_tokens / lm_head carry an adapter or the vocabulary was extended, as peft's "auto" does) are
-`...model.embed_tokens[.base_layer].weight` [V, D] and `...lm_head[.base_layer].weight` [V, D],
-`.base_layer` when that module carries an adapter; tied models write both names, as peft does.
+Full embedding matrices (peft's `save_embedding_layers`) are `...model.embed_tokens[.base_layer].weight`
+[V, D] and `...lm_head[.base_layer].weight` [V, D], `.base_layer` when that module carries an adapter;
+tied models write both names, as peft does. The command line writes them only when the run extended
+the vocabulary (data.add_tokens) or when asked to (--save_embedding_layers). peft's "auto" writes
+them whenever embed_tokens / lm_head is a target, although without new tokens they are exactly the
+base model's rows (1 GB per matrix for Llama-3.2-1B in float32): our adapter stays lean, and peft loads it over
+the base model as it is.
 
-A tied model whose lm_head carries an adapter cannot stay tied once merged (E + dE for the input and
-E + dH^T for the head differ): the merged export unties it (lm_head.weight written,
-tie_word_embeddings false). peft's own merge_and_unload keeps the tie and gets the logits wrong there
-(peft issue #2777).
+A tied model with an embed_tokens or lm_head adapter cannot stay tied once merged: in training (and
+in peft) the input embedding is E + dE while the head is the base E (+ dH^T of its own adapter), and
+one shared matrix holds only one of them. The merged export unties it (lm_head.weight written,
+tie_word_embeddings false), whichever of the two carries the adapter. peft's own merge_and_unload
+keeps the tie and gets the logits wrong there (peft issue #2777).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxtune import hf, lora
+from jaxtune import hf, lora, vocab
 from jaxtune.models.llama import ALL_TARGETS, DTYPES, LINEAR_TARGETS, LoRAConfig, ModelConfig
 
 log = logging.getLogger("jaxtune")
@@ -521,8 +526,9 @@ def save_merged_model(
         raise ExportError(f"{out_dir} is the source model folder; export elsewhere")
     merged, merged_cfg = lora.merge_adapters(params, cfg)
     if cfg.tie_word_embeddings and not merged_cfg.tie_word_embeddings:
-        log.info("the tied lm_head carries an adapter: the merged model is untied (lm_head.weight written, "
-                 "tie_word_embeddings=false)")
+        log.info("the tied model carries a vocabulary adapter (%s): the merged model is untied (lm_head.weight = "
+                 "the base embedding plus the head's own delta, tie_word_embeddings=false)",
+                 ",".join(t for t in cfg.lora.targets if t in lora.VOCABULARY_TARGETS))
     out_dtype = EXPORT_DTYPES[dtype]
     tensors = ((name, np.ascontiguousarray(array.astype(out_dtype, copy=False)))
                for name, array in hf.hf_tensor_items(merged, merged_cfg))
@@ -693,10 +699,32 @@ def run_tokenizer(workdir: pathlib.Path, folder: pathlib.Path, run_config: dict[
         log.warning("%s has no tokenizer files: the export holds none either", folder)
         return None
     tokenizer = load_tokenizer(folder)
-    added = [t.strip() for t in str(run_config.get("data", {}).get("add_tokens", "") or "").split(",") if t.strip()]
+    added = run_added_tokens(run_config)
     if added:
-        tokenizer.add_tokens(added, special_tokens=True)
+        tokenizer.add_tokens(list(added), special_tokens=True)
     return tokenizer
+
+
+def run_added_tokens(run_config: dict[str, Any]) -> tuple[str, ...]:
+    """The run's data.add_tokens, parsed as training parses them."""
+    return vocab.parse_tokens(str(run_config.get("data", {}).get("add_tokens", "") or ""))
+
+
+def embedding_layers_reason(run_config: dict[str, Any], trained_other: dict, save_embedding_layers: bool) -> str | None:
+    """Why a PEFT export of the run must carry the full embedding layers, or None for a lean adapter.
+
+    Decided on data.add_tokens, not on table sizes: a table with spare rows (Qwen) can keep its size
+    while gaining tokens. Without new tokens the rows are exactly the base model's, which peft reads
+    from the base model itself.
+    """
+    added = run_added_tokens(run_config)
+    if save_embedding_layers:
+        return "--save_embedding_layers"
+    if added:
+        return f"the run extended the vocabulary (data.add_tokens={','.join(added)})"
+    if trained_other:
+        return "the checkpoint holds trained embedding rows"
+    return None
 
 
 def peft_base_name(model_path: str, folder: pathlib.Path) -> str:
@@ -712,11 +740,17 @@ def trained_vocab_size(trained_other: dict, base_vocab_size: int) -> int:
 
 
 def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, step: str | int = "last",
-               dtype: str | None = None, overwrite: bool = False) -> pathlib.Path:
+               dtype: str | None = None, overwrite: bool = False, save_embedding_layers: bool = False) -> pathlib.Path:
     """Export checkpoint `step` ('last', 'best' or a number) of the run in `workdir` as a PEFT adapter
-    (fmt='peft') or a merged HF model (fmt='merged'); returns the output folder."""
+    (fmt='peft') or a merged HF model (fmt='merged'); returns the output folder.
+
+    save_embedding_layers: (peft) also write the full embedding / head matrices, as peft's
+      save_embedding_layers=True does; they are written anyway when the run added tokens.
+    """
     if fmt not in ("peft", "merged"):
         raise ExportError(f"--format={fmt}: choose peft or merged")
+    if save_embedding_layers and fmt != "peft":
+        raise ExportError("--save_embedding_layers applies to --format=peft (a merged model holds every weight)")
     workdir = pathlib.Path(workdir)
     lora_cfg = run_lora_config(read_run_config(workdir))
     if fmt == "peft" and lora_cfg is None:
@@ -744,8 +778,9 @@ def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
             raise ExportError(f"trained leaves {', '.join('/'.join(p) for p in not_embeddings)} have no place in a "
                               f"PEFT adapter; use --format=merged")
         embedding_layers = None
-        if cfg.vocab_size != base_cfg.vocab_size or {"embed_tokens", "lm_head"} & set(lora_cfg.targets):
-            # What peft's save_embedding_layers="auto" writes: the full (trained or base) matrices.
+        reason = embedding_layers_reason(run_config, trained_other, save_embedding_layers)
+        if reason is not None:  # the full (trained or base) matrices, as peft's save_embedding_layers writes them
+            log.info("writing the full embedding layers into the adapter: %s", reason)
             embedding_layers = overlay(base_embedding_layers(folder, base_cfg), trained_other)
             check_shapes(embedding_layers, cfg.replace(lora=None), "the embedding layers")
         return save_peft_adapter(adapters, cfg, out, peft_base_name(model_path, folder), tokenizer,
@@ -768,12 +803,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=tuple(EXPORT_DTYPES),
                         help="merged weights dtype (default: the base model's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--save_embedding_layers", action="store_true",
+                        help="peft: also write the full embedding / lm_head matrices (as peft's save_embedding_layers"
+                             "=True); written anyway when the run added tokens (data.add_tokens)")
     args = parser.parse_args(argv)
     jaxtune.setup_logging()
     from jaxtune.checkpoint import CheckpointError
 
     try:
-        out = export_run(args.workdir, args.fmt, args.out or None, args.step, args.dtype, args.overwrite)
+        out = export_run(args.workdir, args.fmt, args.out or None, args.step, args.dtype, args.overwrite,
+                         args.save_embedding_layers)
     except (ExportError, hf.WeightsError, hf.ModelError, CheckpointError) as e:
         log.error("%s", e)
         return 2

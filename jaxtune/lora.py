@@ -33,20 +33,23 @@ Path = tuple[str, ...]
 
 
 def parse_targets(spec: str | Iterable[str]) -> tuple[str, ...]:
-    """'q,v' / 'q_proj,v_proj' / 'all-linear' / 'all' / a tuple -> canonical HF module names."""
+    """'q,v' / 'q_proj,v_proj' / 'all-linear' / 'all' / a tuple -> HF module names in ALL_TARGETS order.
+
+    Targets are a set: 'v,q' and 'q_proj,v_proj' give the same tuple, so every comparison (lora.init_from,
+    the checkpoint fingerprint) and every listing sees one canonical order.
+    """
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    targets: list[str] = []
+    targets: set[str] = set()
     for name in names:
         expanded = {"all-linear": LINEAR_TARGETS, "all": ALL_TARGETS}.get(name, (_SHORT_NAMES.get(name, name),))
         for target in expanded:
             if target not in ALL_TARGETS:
                 raise ValueError(f"lora.targets: unknown module {name!r}; choose from {', '.join(ALL_TARGETS)} "
                                  f"(or q,k,v,o,gate,up,down,embed,head, 'all-linear', 'all')")
-            if target not in targets:
-                targets.append(target)
+            targets.add(target)
     if not targets:
         raise ValueError("lora.targets is empty: name at least one module, e.g. --config.lora.targets=all-linear")
-    return tuple(targets)
+    return tuple(target for target in ALL_TARGETS if target in targets)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets, rslora: bool) -> LoRAConfig:
@@ -141,21 +144,33 @@ def lora_delta(a, b, scaling: float):
     return scaling * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
 
 
+VOCABULARY_TARGETS = ("embed_tokens", "lm_head")
+
+
+def merge_unties(cfg: ModelConfig) -> bool:
+    """Whether merging cfg's adapters must untie the head: a tied model with any vocabulary adapter.
+
+    Training computes the head from the base E (plus its own lm_head delta) and the embedding from
+    E + dE; one shared matrix can hold both only when neither carries an adapter.
+    """
+    return cfg.tie_word_embeddings and cfg.lora is not None and bool(set(VOCABULARY_TARGETS) & set(cfg.lora.targets))
+
+
 def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     """Fold every adapter into its base weight (float32, then cast back) -> (base params, cfg).
 
-    A tied model with an lm_head adapter cannot hold E + d_embed and E^T + d_head in one matrix:
-    the result is untied (lm_head kernel written separately, tie_word_embeddings False).
+    A tied model with an embed_tokens or lm_head adapter comes back untied (`merge_unties`): the
+    lm_head kernel is the base E^T plus the head's own delta, the embedding E plus its own delta,
+    tie_word_embeddings False.
     """
     if cfg.lora is None:
         return params, cfg
     scaling = cfg.lora.scaling
     base, adapters = split_trainable(params, full_finetune=False)[1], _filter(params, is_lora_path)
     merged = jax.tree_util.tree_map(lambda x: x, base)
-    untie = cfg.tie_word_embeddings and "lm_head" in adapters
-    if untie:
-        embedding = base["model"]["embed_tokens"]["embedding"]
-        merged["lm_head"] = {"kernel": embedding.T}
+    untie = merge_unties(cfg)
+    if untie:  # taken before any fold: the head never sees the embedding's delta
+        merged["lm_head"] = {"kernel": base["model"]["embed_tokens"]["embedding"].T}
 
     def fold(node: dict, adapter: dict):
         for key, sub in adapter.items():

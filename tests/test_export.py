@@ -44,6 +44,17 @@ def jaxtune_adapter_logits(model, adapters, lora_cfg, tokens=TOKENS):
     return api.logits(model, tokens, params=lora.merge_trees(model.params, adapters), lora=lora_cfg)
 
 
+def adapter_tensor_names(adapter_dir) -> set[str]:
+    from jaxtune.hf import read_safetensors
+
+    return {name for name, _ in read_safetensors(adapter_dir / export.ADAPTER_WEIGHTS)}
+
+
+# The full matrices peft's save_embedding_layers writes when embed_tokens and lm_head carry adapters.
+EMBEDDING_LAYER_KEYS = {"base_model.model.model.embed_tokens.base_layer.weight",
+                        "base_model.model.lm_head.base_layer.weight"}
+
+
 # --------------------------------------------------------------------------------------------
 # Our adapter -> peft
 
@@ -159,6 +170,33 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(tiny_models, t
         peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(adapter_dir))
         peft_merged = peft_model.merge_and_unload()
         assert np.abs(torch_logits(peft_merged) - ours).max() > 1e-2
+
+
+VOCABULARY_TARGET_SETS = ["embed_tokens", "all-linear,embed_tokens", "lm_head", "embed_tokens,lm_head"]
+
+
+@pytest.mark.parametrize("family", ["smollm2", "qwen2"])  # tied and untied heads
+@pytest.mark.parametrize("targets", VOCABULARY_TARGET_SETS)
+def test_merged_export_equals_the_peft_adapter_for_vocabulary_targets(tiny_models, tmp_path, family, targets):
+    """A tied model with any vocabulary adapter is untied on merge: the head stays the base E (plus
+    its own lm_head delta), the embedding becomes E + dE, as in training and in peft."""
+    folder, _ = tiny_models(family)
+    model = api.load(str(folder), with_tokenizer=False)
+    lora_cfg = lora.lora_config(4, 8.0, 0.0, targets, rslora=False)
+    cfg = model.cfg.replace(lora=lora_cfg)
+    adapters = random_adapters(cfg, seed=11, scale=0.2)
+    ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
+    assert np.abs(ours - api.logits(model, TOKENS)).max() > 1e-2  # the adapters matter
+
+    adapter_dir = export.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder))
+    peft_logits = torch_logits(peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(adapter_dir)).eval())
+    np.testing.assert_allclose(peft_logits, ours, atol=1e-4)
+
+    out = export.save_merged_model(lora.merge_trees(model.params, adapters), cfg, tmp_path / "merged",
+                                   source_folder=folder)
+    merged = fresh_hf_model(out)
+    np.testing.assert_allclose(torch_logits(merged), peft_logits, atol=1e-4)
+    assert merged.config.tie_word_embeddings is False
 
 
 def test_merged_export_of_linear_adapters_stays_tied_and_casts(tiny_models, tmp_path):
@@ -337,6 +375,66 @@ def test_cli_exports_a_lora_run_as_peft_and_merged(tiny_models, tmp_path):
     assert export.main([f"--workdir={tmp_path / 'run'}", "--format=merged", f"--out={tmp_path / 'merged'}"]) == 2
 
 
+@pytest.mark.parametrize("family", ["smollm2", "qwen2"])  # tied and untied heads
+def test_peft_export_of_a_run_without_new_tokens_leaves_the_base_embedding_out(tiny_models, tmp_path, family):
+    """embed_tokens / lm_head adapters without data.add_tokens: the adapter holds only LoRA tensors
+    (peft's "auto" would add the whole base embedding) and peft loads it over the base model with
+    jaxtune's logits; --save_embedding_layers writes the full matrices as peft does."""
+    folder = tiny_models(family)[0]
+    model = api.load(str(folder), with_tokenizer=False)
+    lora_cfg = lora.lora_config(4, 8.0, 0.0, "all", rslora=False)
+    cfg = model.cfg.replace(lora=lora_cfg)
+    adapters = random_adapters(cfg, seed=6)
+    fake_run(tmp_path / "run", folder, lora_cfg, {4: (adapters, 1.0)})
+    ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
+
+    lean = export.export_run(tmp_path / "run", "peft")
+    assert adapter_tensor_names(lean) == {name for name, _, _ in export.peft_tensor_names(cfg)}
+    peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(lean)).eval()
+    np.testing.assert_allclose(torch_logits(peft_model), ours, atol=1e-4)
+    loaded, _ = export.load_peft_adapter(lean, model.cfg)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, adapters)
+
+    forced = tmp_path / "forced"
+    assert export.main([f"--workdir={tmp_path / 'run'}", "--format=peft", f"--out={forced}",
+                        "--save_embedding_layers"]) == 0
+    assert adapter_tensor_names(forced) - adapter_tensor_names(lean) == EMBEDDING_LAYER_KEYS
+    peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(forced)).eval()
+    np.testing.assert_allclose(torch_logits(peft_model), ours, atol=1e-4)
+    with pytest.raises(export.ExportError, match="--save_embedding_layers applies to --format=peft"):
+        export.export_run(tmp_path / "run", "merged", save_embedding_layers=True)
+
+
+def test_peft_export_writes_new_token_rows_when_the_table_kept_its_size(tiny_models, tmp_path):
+    """data.add_tokens decides, not the table size: a model with spare rows (Qwen) gives new tokens
+    rows it already had, and those trained rows must travel in the adapter."""
+    folder = tiny_models("smollm2")[0]
+    model = api.load(str(folder), with_tokenizer=False)
+    lora_cfg = lora.lora_config(4, 8.0, 0.0, "q,v", rslora=False)
+    cfg = model.cfg.replace(lora=lora_cfg)
+    embedding = np.array(model.params["model"]["embed_tokens"]["embedding"])
+    embedding[-2:] = 0.5 * np.random.default_rng(2).standard_normal((2, model.cfg.hidden_size))  # trained rows
+    adapters = random_adapters(cfg, seed=8)
+    trained = lora.merge_trees(adapters, {"model": {"embed_tokens": {"embedding": embedding}}})
+    fake_run(tmp_path / "run", folder, lora_cfg, {2: (trained, 1.0)})
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    run_config["data"]["add_tokens"] = "<tool>,</tool>"
+    (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
+
+    out = export.export_run(tmp_path / "run", "peft")
+    # embed_tokens carries no adapter: peft's names without .base_layer (both, the model being tied)
+    full_matrices = {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}
+    assert full_matrices <= adapter_tensor_names(out)
+    rest = {"model": {k: v for k, v in model.params["model"].items() if k != "embed_tokens"}}
+    trained_model = api.LoadedModel(model.cfg, lora.merge_trees(rest, {"model": {"embed_tokens": {
+        "embedding": embedding}}}), None, folder)
+    tokens = np.array([[5, 254, 9, 255, 3]], np.int32)
+    ours = jaxtune_adapter_logits(trained_model, adapters, lora_cfg, tokens)
+    assert np.abs(ours - jaxtune_adapter_logits(model, adapters, lora_cfg, tokens)).max() > 1e-2  # the rows matter
+    peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(out)).eval()
+    np.testing.assert_allclose(torch_logits(peft_model, tokens), ours, atol=1e-4)
+
+
 def test_cli_exports_a_full_finetuning_run_merged_and_refuses_peft(tiny_models, tmp_path, caplog):
     folder = tiny_models("qwen2")[0]
     model = api.load(str(folder), with_tokenizer=False)
@@ -370,6 +468,7 @@ def test_cli_exports_a_run_that_extended_the_vocabulary(tiny_models, tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
 
     out = export.export_run(tmp_path / "run", "peft")
+    assert EMBEDDING_LAYER_KEYS <= adapter_tensor_names(out)  # the new rows travel in the adapter
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.convert_tokens_to_ids(["<tool>", "</tool>"]) == [vocab - 2, vocab - 1]
     base_rest = {"model": {k: v for k, v in model.params["model"].items() if k != "embed_tokens"}}

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtune import api, lora
+from jaxtune import api, checkpoint, export, lora, sharding, train
+from jaxtune.config import ConfigError
 from jaxtune.models.llama import ALL_TARGETS, LINEAR_TARGETS
 
 
@@ -17,6 +18,10 @@ def randomize_b(adapters, seed=0):
 
 def test_parse_targets():
     assert lora.parse_targets("q,v") == ("q_proj", "v_proj")
+    # Targets are a set: one canonical (ALL_TARGETS) order whatever the order or spelling typed.
+    assert lora.parse_targets("v,q") == lora.parse_targets("q_proj,v_proj") == lora.parse_targets(["v_proj", "q", "v"])
+    assert lora.parse_targets("head,embed,down,q") == ("q_proj", "down_proj", "embed_tokens", "lm_head")
+    assert lora.parse_targets("lm_head,all-linear") == LINEAR_TARGETS + ("lm_head",)
     assert lora.parse_targets("all-linear") == LINEAR_TARGETS
     assert lora.parse_targets(("all",)) == ALL_TARGETS
     with pytest.raises(ValueError, match="unknown module 'qq'"):
@@ -57,3 +62,43 @@ def test_split_and_predicate(tiny_models):
     assert lora.count_params(frozen) == lora.count_params(model.params)
     all_trainable, none_frozen = lora.split_trainable(params, full_finetune=True)
     assert none_frozen == {} and lora.count_params(all_trainable) == lora.count_params(params)
+
+
+def test_init_from_accepts_an_adapter_saved_with_the_targets_in_another_order(tiny_models, tmp_path):
+    """lora.targets=v,q continues an adapter saved with target_modules q_proj,v_proj (train.initial_adapters)."""
+    import ml_collections
+
+    folder, _ = tiny_models("llama2")
+    model = api.load(str(folder), with_tokenizer=False)
+    saved_cfg = model.cfg.replace(lora=lora.lora_config(4, 8.0, 0.0, "q_proj,v_proj", False))
+    saved = randomize_b(lora.init_adapters(saved_cfg, jax.random.key(0)))
+    adapter_dir = export.save_peft_adapter(saved, saved_cfg, tmp_path / "adapter", str(folder))
+    config = ml_collections.ConfigDict({"lora": {"init_from": str(adapter_dir)}, "train": {"seed": 0}})
+    cfg = model.cfg.replace(lora=lora.lora_config(4, 8.0, 0.0, "v,q", False))
+    mesh = sharding.make_mesh("1,-1,1")
+    adapters = train.initial_adapters(config, cfg, mesh, sharding.make_rules(""))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, adapters, saved)
+
+    with pytest.raises(ConfigError, match="targets q_proj,v_proj"):  # a different set is still refused
+        train.initial_adapters(config, model.cfg.replace(lora=lora.lora_config(4, 8.0, 0.0, "q,k,v", False)),
+                               mesh, sharding.make_rules(""))
+
+
+def test_resume_accepts_the_targets_in_another_order(tiny_models):
+    """The checkpoint fingerprint of a q,v run matches a v,q run (and one saved before targets were
+    put in canonical order, which holds them as typed); another set of targets is still refused."""
+    import json
+
+    model = api.load(str(tiny_models("llama2")[0]), with_tokenizer=False)
+
+    def fingerprint(targets):
+        cfg = model.cfg.replace(lora=lora.lora_config(4, 8.0, 0.0, targets, False))
+        return checkpoint.config_fingerprint("m", cfg, False, lora.adapter_shapes(cfg))
+
+    saved = json.loads(json.dumps(fingerprint("q,v")))  # as it comes back from a checkpoint's meta
+    assert fingerprint("v,q") == saved
+    checkpoint.check_compatible({"config_fingerprint": saved}, fingerprint("v_proj,q_proj"))
+    typed_order = {**saved, "lora": {**saved["lora"], "targets": ["v_proj", "q_proj"]}}
+    checkpoint.check_compatible({"config_fingerprint": typed_order}, fingerprint("q,v"))
+    with pytest.raises(checkpoint.CheckpointError, match="lora.targets"):
+        checkpoint.check_compatible({"config_fingerprint": saved}, fingerprint("q,k,v"))
