@@ -97,6 +97,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.errors import JaxtuneError
+
 logger = logging.getLogger("jaxtune.data")
 
 FORMATS = ("auto", "messages", "prompt_completion", "text")
@@ -109,7 +111,7 @@ FORMAT_HELP = ('one JSON object per line, in one of the formats '
 LENGTH_GROUP_BATCHES = 32
 
 
-class DataError(ValueError):
+class DataError(JaxtuneError, ValueError):
     """Bad training data: the message names the file and line (or dataset row) and the fix."""
 
 
