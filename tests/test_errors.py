@@ -18,7 +18,7 @@ INTERNAL = {"jaxtune.tasks.sql.QueryError", "jaxtune.tasks.viggo.MRError"}
 BUILT_IN_BASES = {
     "jaxtune.checkpoint.CheckpointError": OSError,
     "jaxtune.config.ConfigError": ValueError,
-    "jaxtune.data.DataError": ValueError,
+    "jaxtune.data.sources.DataError": ValueError,
     "jaxtune.distributed.LaunchError": RuntimeError,
     "jaxtune.export.ExportError": ValueError,
     "jaxtune.hf.ModelError": ValueError,

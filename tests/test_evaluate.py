@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import write_jsonl
 from jaxtune import api, evaluate, export, generate, inference, lora
 
 PROMPTS = ["Say hello.", "Name a fruit.", "Count to three.", "What is rain?"]
@@ -24,11 +25,6 @@ def noisy_adapters(cfg, seed=0, scale=0.5):
 
 def zero_adapters(cfg):
     return jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), lora.adapter_shapes(cfg))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def lively(params, seed=0):
