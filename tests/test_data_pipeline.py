@@ -1,9 +1,13 @@
 """jaxtune.data.pipeline: build_datasets reads every key it needs from config.data, loads and tokenizes
-train and eval."""
+train and eval; the package imports no JAX."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import chat, write_jsonl
+from conftest import REPO_ROOT, chat, write_jsonl
 from jaxtune import data
 from jaxtune.data import DataError
 
@@ -25,3 +29,13 @@ def test_build_datasets_from_config(chatml, tmp_path):
     with pytest.raises(DataError, match="config.data.train is empty"):
         data.build_datasets(config, chatml)
 
+
+
+def test_the_data_package_never_imports_jax():
+    """Data preparation runs on any host (and in tools) without JAX: importing every data module loads none."""
+    code = ("import sys; import jaxtune.data, jaxtune.data.batching, jaxtune.data.pipeline, jaxtune.data.sources, "
+            "jaxtune.data.tokenize; print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
