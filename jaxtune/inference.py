@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import api, export, hf, lora
+from jaxtune import api, export, lora
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import DTYPES, LoRAConfig
 
