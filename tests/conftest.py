@@ -180,7 +180,6 @@ def build_bpe_tokenizer(tmp_path_factory, name, chat_template, add_bos):
     return AutoTokenizer.from_pretrained(folder)
 
 
-
 @pytest.fixture(scope="session")
 def chatml(tmp_path_factory):
     """A small byte-level BPE with ChatML turn markers and template; eos <|im_end|>, pad <|endoftext|>."""

@@ -232,4 +232,3 @@ def test_pad_never_trained_even_when_pad_is_eos(chatml):
         assert (np.roll(batch["segment_ids"], -1, axis=1)[trained] == batch["segment_ids"][trained]).all()
         examples_in_batch = ((batch["positions"] == 0) & (batch["segment_ids"] > 0)).sum()
         assert (batch["targets"][trained] == pad_id).sum() == examples_in_batch  # each one's real <|im_end|>
-

@@ -30,7 +30,6 @@ def test_build_datasets_from_config(chatml, tmp_path):
         data.build_datasets(config, chatml)
 
 
-
 def test_the_data_package_never_imports_jax():
     """Data preparation runs on any host (and in tools) without JAX: importing every data module loads none."""
     code = ("import sys; import jaxtune.data, jaxtune.data.batching, jaxtune.data.pipeline, jaxtune.data.sources, "

@@ -114,4 +114,3 @@ def test_datasets_sources(tmp_path):
     bad.save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match=r"bad row 1: 'text' is empty"):
         data.load_examples(str(tmp_path / "bad"))
-

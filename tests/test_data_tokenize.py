@@ -39,7 +39,6 @@ def expected(tokenizer, pieces):
     return ids, trained
 
 
-
 def tokenize_one(tokenizer, example, **options):
     options = {"max_len": 512, **options}
     kept, _ = data.tokenize_examples([{"source": "t.jsonl:1", **example}], tokenizer, **options)
@@ -186,7 +185,6 @@ def test_truncation_stats_and_drops(chatml, caplog):
     kept, stats = data.tokenize_examples([short, long, late], chatml, max_len=max_len, drop_long=True)
     assert [e.source for e in kept] == ["f:1"]
     assert (stats.dropped_long, stats.truncated_examples, stats.examples) == (2, 0, 1)
-
 
 
 @pytest.mark.real_model

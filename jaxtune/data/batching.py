@@ -230,4 +230,3 @@ def eval_batches(examples: Sequence[TokenizedExample], batch_size: int, max_len:
         seq_len = max_len if packing else bucket_len(longest, max_len, bucket)
         local = global_rows[process_index * local_rows:(process_index + 1) * local_rows]
         yield make_batch(local, seq_len, pad_id)
-

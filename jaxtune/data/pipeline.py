@@ -26,7 +26,6 @@ class Datasets:
     pad_id: int
 
 
-
 def _split_specs(spec: str | Sequence[str]) -> list[str]:
     if isinstance(spec, str):
         return [part.strip() for part in spec.split(",") if part.strip()]
@@ -36,7 +35,8 @@ def _split_specs(spec: str | Sequence[str]) -> list[str]:
 def build_datasets(config_data: Mapping[str, Any], tokenizer) -> Datasets:
     """Loads and tokenizes config.data.train (and .eval, '' for none); several specs: comma-separated.
 
-    `config_data` is ``config.data`` (or its ``to_dict()``): every key named above must be there.
+    `config_data` is ``config.data`` (or its ``to_dict()``) holding train, eval, format, template, max_len,
+    mask_prompt and drop_long.
     """
     train_spec = _split_specs(config_data["train"])
     if not train_spec:

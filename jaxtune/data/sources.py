@@ -40,7 +40,6 @@ class DataError(JaxtuneError, ValueError):
     """Bad training data: the message names the file and line (or dataset row) and the fix."""
 
 
-
 def load_examples(spec: str | Sequence[str], format: str = "auto") -> list[dict]:
     """Loads and validates the examples of one spec (or a list of specs), normalised.
 
@@ -253,4 +252,3 @@ def validate_messages(messages: Any, where: str, what: str) -> list[dict]:
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
