@@ -31,8 +31,8 @@ import numpy as np
 from jaxtune import checkpoint, distributed, evaluate, hf, lora, optim, sharding, step, tasks, vocab
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
-from jaxtune.errors import JaxtuneError
 from jaxtune.api import LoadedModel, load_tokenizer
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import ModelConfig
 
 log = logging.getLogger("jaxtune")
