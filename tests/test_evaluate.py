@@ -226,3 +226,12 @@ def test_evaluate_cli_on_a_workdir_defaults_to_its_model_task_and_reports_dir(mo
     assert report["task_scores"]["finetuned"]["accuracy"] == report["task_scores"]["base"]["accuracy"]
     assert (run / "reports" / evaluate.BASE_CACHE).exists()
     assert "error" not in capsys.readouterr().err
+
+
+def test_evaluate_cli_user_errors_exit_2_with_one_message(model_folder, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "eval.json")]
+    assert evaluate.main(["--model", str(model_folder), "--task", "nope", *out]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown task 'nope'; known tasks: ")
+    missing = tmp_path / "missing.jsonl"  # found only once the model is loaded and the report starts
+    assert evaluate.main(["--model", str(model_folder), "--eval_file", str(missing), "--max_len", "256", *out]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {missing}: no such file or directory")
