@@ -68,6 +68,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxtune.errors import JaxtuneError
+
 log = logging.getLogger("jaxtune.checkpoint")
 
 STATE_ITEM = "state"
@@ -87,7 +89,7 @@ LORA_FINGERPRINT_FIELDS = ("rank", "alpha", "targets", "rslora")
 UNORDERED_FINGERPRINT_KEYS = ("lora.targets",)
 
 
-class CheckpointError(OSError):
+class CheckpointError(JaxtuneError, OSError):
     """A checkpoint could not be written, read or used. Earlier checkpoints on disk are untouched."""
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None, errno: int | None = None):

@@ -15,13 +15,14 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import DTYPES, REMAT_POLICIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "messages", "prompt_completion", "text")
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxtuneError, ValueError):
     """A config that cannot run; the message lists every problem and how to fix it."""
 
 

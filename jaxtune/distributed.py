@@ -36,6 +36,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxtune import sharding
+from jaxtune.errors import JaxtuneError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ ENV_SWITCH = "JAXTUNE_DISTRIBUTED"  # "auto" | "off" (unset: decide from the lau
 EXPLICIT_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(JaxtuneError, RuntimeError):
     """The launcher's variables are inconsistent (e.g. only some of JAX_* set, a non-integer id)."""
 
 

@@ -45,6 +45,7 @@ from jaxtune import generate as generate_lib
 from jaxtune import step as step_lib
 from jaxtune import tasks
 from jaxtune.api import LoadedModel
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import LoRAConfig
 
 log = logging.getLogger("jaxtune.evaluate")
@@ -395,10 +396,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jaxtune import inference
-
     jaxtune.setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_command(args)
+    except JaxtuneError as e:  # the user can fix it: one message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The command line's work for parsed `args`: 0, or 2 after printing a usage error."""
+    from jaxtune import inference
+
     adapter = args.workdir or args.adapter
     run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text()) \
         if args.workdir and (pathlib.Path(args.workdir) / "config.json").exists() else {}
@@ -406,13 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if task is None and not args.eval_file:
         print("error: give --task=NAME or --eval_file=JSONL", file=sys.stderr)
         return 2
-    try:
-        if task:
-            tasks.get(task)
-        loaded = inference.load_with_info(args.model, adapter, args.dtype, args.step)
-    except (*inference.LOAD_ERRORS, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if task:
+        tasks.get(task)
+    loaded = inference.load_with_info(args.model, adapter, args.dtype, args.step)
     settings = Settings(split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                         general_prompts=args.general_prompts, general_questions=args.general_questions,

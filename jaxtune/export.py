@@ -63,6 +63,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxtune import hf, lora, vocab
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import ALL_TARGETS, DTYPES, LINEAR_TARGETS, LoRAConfig, ModelConfig
 
 log = logging.getLogger("jaxtune")
@@ -120,7 +121,7 @@ _SUPPORTED_INITS = (True, False, "gaussian", "eva", "orthogonal")  # the others 
 Path = tuple[str, ...]
 
 
-class ExportError(ValueError):
+class ExportError(JaxtuneError, ValueError):
     """An export or import that cannot be done; the message says which file / key and why."""
 
 
@@ -808,12 +809,10 @@ def main(argv: list[str] | None = None) -> int:
                              "=True); written anyway when the run added tokens (data.add_tokens)")
     args = parser.parse_args(argv)
     jaxtune.setup_logging()
-    from jaxtune.checkpoint import CheckpointError
-
     try:
         out = export_run(args.workdir, args.fmt, args.out or None, args.step, args.dtype, args.overwrite,
                          args.save_embedding_layers)
-    except (ExportError, hf.WeightsError, hf.ModelError, CheckpointError) as e:
+    except JaxtuneError as e:  # the user can fix it: one message, no traceback
         log.error("%s", e)
         return 2
     print(out)

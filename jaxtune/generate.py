@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import Llama, LoRAConfig, ModelConfig, init_cache, unstack_cache, unstack_layers
 
 MIN_BUCKET = 32
@@ -348,8 +349,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         model, params, lora = inference.load_for_inference(args.model, args.adapter, args.dtype)
-    except inference.LOAD_ERRORS as e:
-        sys.exit(f"error: {e}")
+    except JaxtuneError as e:  # the user can fix it: one message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     [text] = generate_text(model, [args.prompt], args.max_new_tokens, chat=not args.raw,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                            params=params, lora=lora)

@@ -26,6 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import DTYPES, ModelConfig
 
 log = logging.getLogger("jaxtune")
@@ -45,11 +46,11 @@ _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-class WeightsError(ValueError):
+class WeightsError(JaxtuneError, ValueError):
     """Weights that do not fit the model: lists every missing, unexpected and mis-shaped tensor."""
 
 
-class ModelError(ValueError):
+class ModelError(JaxtuneError, ValueError):
     """A model that cannot be resolved or is not supported."""
 
 

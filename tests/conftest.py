@@ -1,4 +1,5 @@
-"""Shared fixtures: 8 simulated CPU devices, tiny random HF models of every supported family."""
+"""Shared fixtures and helpers: 8 simulated CPU devices, tiny random HF models of every supported family,
+small chat tokenizers, JSONL writers and the tiny run config."""
 
 import os
 
@@ -105,3 +106,87 @@ def write_chat_jsonl(path: pathlib.Path, n: int = 16) -> pathlib.Path:
             f.write(json.dumps({"messages": [{"role": "user", "content": f"Name color number {i % 4}."},
                                              {"role": "assistant", "content": COLORS[i % 4]}]}) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files, run configs and small chat tokenizers shared by the data, training and CLI tests
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: pathlib.Path, rows) -> pathlib.Path:
+    """One line per row: a dict is written as JSON, a string as is (e.g. a deliberately broken line)."""
+    import json
+
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def chat(*turns) -> dict:
+    """A `messages` row from (role, content) pairs."""
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py's config (configs/ is not a package: the file is loaded); overrides are
+    'group.key': value."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_config", REPO_ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        group, name = key.split(".")
+        config[group][name] = value
+    return config
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}"
+          "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+          "{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>"]
+CORPUS = ["hello world, how are you today?", "the assistant answers questions briefly",
+          "user: what is two plus two? four. and three plus three? six.", "Be brief. Q: 2+2= 4",
+          "system prompt for a helpful assistant"] * 4
+
+
+def build_bpe_tokenizer(tmp_path_factory, name, chat_template, add_bos):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if add_bos:
+        bos_id = backend.token_to_id("<|begin_of_text|>")
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos_id)])
+    if name == "chatml":
+        specials = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    else:
+        specials = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template,
+                                        additional_special_tokens=SPECIALS, **specials)
+    folder = tmp_path_factory.mktemp(f"tokenizer_{name}")
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def chatml(tmp_path_factory):
+    """A small byte-level BPE with ChatML turn markers and template; eos <|im_end|>, pad <|endoftext|>."""
+    return build_bpe_tokenizer(tmp_path_factory, "chatml", CHATML, add_bos=False)
+
+
+@pytest.fixture(scope="session")
+def llama3(tmp_path_factory):
+    """A small byte-level BPE with a Llama-3-style template that adds BOS to text; eos <|eot_id|>."""
+    return build_bpe_tokenizer(tmp_path_factory, "llama3", LLAMA3, add_bos=True)

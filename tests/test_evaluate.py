@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import write_jsonl
 from jaxtune import api, evaluate, export, generate, inference, lora
 
 PROMPTS = ["Say hello.", "Name a fruit.", "Count to three.", "What is rain?"]
@@ -24,11 +25,6 @@ def noisy_adapters(cfg, seed=0, scale=0.5):
 
 def zero_adapters(cfg):
     return jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), lora.adapter_shapes(cfg))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def lively(params, seed=0):
@@ -230,3 +226,12 @@ def test_evaluate_cli_on_a_workdir_defaults_to_its_model_task_and_reports_dir(mo
     assert report["task_scores"]["finetuned"]["accuracy"] == report["task_scores"]["base"]["accuracy"]
     assert (run / "reports" / evaluate.BASE_CACHE).exists()
     assert "error" not in capsys.readouterr().err
+
+
+def test_evaluate_cli_user_errors_exit_2_with_one_message(model_folder, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "eval.json")]
+    assert evaluate.main(["--model", str(model_folder), "--task", "nope", *out]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown task 'nope'; known tasks: ")
+    missing = tmp_path / "missing.jsonl"  # found only once the model is loaded and the report starts
+    assert evaluate.main(["--model", str(model_folder), "--eval_file", str(missing), "--max_len", "256", *out]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {missing}: no such file or directory")

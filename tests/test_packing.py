@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 
+from conftest import tiny_config, write_jsonl
 from jaxtune import api, data, step
 
 PAD = 0
@@ -93,30 +94,13 @@ def chat_rows(n, seed=0):
     return rows
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def tiny_run_config():
-    """configs/tiny.py's config (configs/ is not a package: load the file)."""
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location(
-        "tiny_config", pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def test_packed_training_runs_end_to_end_and_counts_real_tokens(tiny_chat_model, tmp_path, monkeypatch):
     import time
     import types
 
     from jaxtune import train
 
-    config = tiny_run_config()
+    config = tiny_config()
     config.model.path = str(tiny_chat_model)
     config.data.train = str(write_jsonl(tmp_path / "train.jsonl", chat_rows(24)))
     config.data.eval = str(write_jsonl(tmp_path / "eval.jsonl", chat_rows(4, seed=1)))

@@ -5,7 +5,6 @@ repetitive chat task: the loss falls, the frozen base is untouched bit for bit, 
 artifact, and both exports load in peft / transformers with jaxtune's logits.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_chat_jsonl
+from conftest import tiny_config, write_chat_jsonl
 from jaxtune import api, checkpoint, lora, train
 
 # The shared 24-step run compiles a sharded step for the 8 simulated devices: minutes on a busy 2-core box.
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
-
-
-def tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_config", REPO_ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 @pytest.fixture(scope="module")

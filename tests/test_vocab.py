@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_config, write_jsonl
 from jaxtune import api, config as config_lib, export, lora, optim, step, vocab
-from test_packing import tiny_run_config, write_jsonl
 
 TOKENS = "<|extract|>,<|done|>"
 
@@ -102,7 +102,7 @@ def test_added_tokens_train_save_and_export_with_lora(tiny_chat_model, tmp_path)
     transformers = pytest.importorskip("transformers")
     from jaxtune import train
 
-    config = tiny_run_config()
+    config = tiny_config()
     config.model.path = str(tiny_chat_model)
     config.data.train = str(write_jsonl(tmp_path / "train.jsonl", extraction_rows(16)))
     config.data.add_tokens = TOKENS

@@ -12,6 +12,7 @@ import json
 import pathlib
 from types import ModuleType
 
+from jaxtune.errors import JaxtuneError
 from jaxtune.tasks import arithmetic, common, sql, viggo
 
 _TASKS = {module.NAME: module for module in (viggo, sql, arithmetic)}
@@ -22,12 +23,19 @@ DEFAULT_SIZES = {"train": 2000, "validation": 200, "test": 200}
 DEFAULT_SEED = 0
 
 
+class UnknownTaskError(JaxtuneError, KeyError):
+    """A task name that is not registered; the message lists the known ones."""
+
+    def __str__(self) -> str:  # the message as written (KeyError's own str() quotes it)
+        return str(self.args[0]) if self.args else ""
+
+
 def get(name: str) -> ModuleType:
     """The task module (NAME, DESCRIPTION, generate, score) registered under `name`."""
     try:
         return _TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(NAMES)}") from None
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(NAMES)}") from None
 
 
 def data_file(name: str, split: str) -> pathlib.Path:
