@@ -346,3 +346,63 @@ def test_a_run_without_a_task_is_evaluated_on_its_eval_set(model_folder, chat_mo
     capsys.readouterr()
     assert evaluate.main(["--workdir", str(nothing)]) == 2
     assert "--task=NAME or --eval_file=JSONL" in capsys.readouterr().err
+
+
+def tiny_run_config(model, data_file, **changes):
+    """configs/tiny.py for `model` and `data_file`, with 'group.key': value changes."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.path, config.data.train = str(model), str(data_file)
+    for key, value in changes.items():
+        group, name = key.split(".")
+        setattr(config[group], name, value)
+    return config
+
+
+def arithmetic_rows(n=8):
+    return [{"prompt": f"What is {i} + {i}?", "completion": str(2 * i)} for i in range(n)]
+
+
+def test_training_with_a_task_but_no_chat_template_stops_before_any_compute(no_template_folder, tmp_path):
+    from jaxtune import config as config_lib
+    from jaxtune import train
+
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"Line {i} of plain text."} for i in range(8)])
+    config = tiny_run_config(no_template_folder, data, **{"train.task": "arithmetic"})
+    with pytest.raises(config_lib.ConfigError, match=r"train.task=arithmetic prompts the model with conversations, "
+                       r"but the tokenizer has no chat template and data.template is auto: set data.template=none"):
+        train.run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()  # stopped before data, weights and steps
+
+
+def test_a_raw_text_run_scores_its_task_with_raw_prompts_and_keeps_the_last_checkpoints(
+        no_template_folder, tmp_path, monkeypatch):
+    """data.template=none on a tokenizer without a chat template: the task is prompted with raw text
+    before and after training; without an eval set only the last K checkpoints are kept, and
+    `export --step=best` says why there is no best."""
+    from jaxtune import train
+
+    templates = []
+    prompt_ids = evaluate.prompt_ids
+    monkeypatch.setattr(evaluate, "prompt_ids", lambda tok, prompts, template="auto": (
+        templates.append(template), prompt_ids(tok, prompts, template))[1])
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows())
+    config = tiny_run_config(no_template_folder, data, **{
+        "data.template": "none", "train.task": "arithmetic", "train.task_examples": 2, "train.task_max_new_tokens": 4,
+        "train.steps": 3, "checkpoint.every": 1, "checkpoint.keep": 1})
+    result = train.run(config, tmp_path / "run")
+    assert result.task_before["n"] == 2 and result.task_after["n"] == 2 and result.eval_before is None
+    assert templates and set(templates) == {"none"}
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recorded["data"]["eval"], recorded["train"]["task"]) == ("", "arithmetic")  # auto resolved
+    from jaxtune import checkpoint
+
+    assert sorted(checkpoint.step_dirs(tmp_path / "run" / "checkpoints")) == [3]  # keep_best without eval: last K
+    with pytest.raises(export.ExportError, match="data.eval"):
+        export.resolve_step(tmp_path / "run", "best")
