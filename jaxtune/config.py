@@ -193,8 +193,9 @@ def _task_problems(config: ml_collections.ConfigDict) -> list[str]:
     for key, name in named:
         if name not in tasks.NAMES:
             close = difflib.get_close_matches(name, tasks.NAMES, n=1)
-            problems.append(f"{key}: unknown bundled task {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                            + f"; bundled tasks: {', '.join(tasks.NAMES)}" + ("; '' = none" if key == "train.task" else ""))
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            none = "; '' = none" if key == "train.task" else ""
+            problems.append(f"{key}: unknown bundled task {name!r}{hint}; bundled tasks: {', '.join(tasks.NAMES)}{none}")
     return problems
 
 

@@ -23,7 +23,7 @@ Every prompt and every scored conversation is rendered the way the run trained: 
 (the tokenizer's chat template for `auto`, the raw concatenation of the contents for `none`, or a
 given Jinja template), read from the run's config.json or given with --template. Task prompts and
 forgetting prompts need a template: with `auto` and a tokenizer without a chat template the
-evaluation stops before any compute and names the fix.
+evaluation stops before it generates or scores anything, with one error naming the fix.
 
 From training, `evaluate_run(model, params, lora_cfg, ...)` runs the same report on in-memory params.
 """

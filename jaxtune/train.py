@@ -241,9 +241,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
              "opt_state": opt_state, "rng": sharding.create_sharded(lambda: jax.random.key(seed), replicated)}
     state_sh = {"step": replicated, "params": trainable_sh, "rng": replicated,
                 "opt_state": sharding.state_shardings(opt_state, trainable_sh, mesh)}
+    keep_best = config.checkpoint.keep_best and bool(datasets.eval)  # no eval set: the last K only
     checkpointer = checkpoint.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
-                                           keep_best=config.checkpoint.keep_best and bool(datasets.eval),  # no eval: last K
-                                           async_save=config.checkpoint.async_save)
+                                           keep_best=keep_best, async_save=config.checkpoint.async_save)
     fingerprint = checkpoint.config_fingerprint(config.model.path, cfg, full_finetune, trainable)
     restored = checkpointer.restore_latest_valid(checkpoint.abstract_like(state), fingerprint)
     if restored is not None:

@@ -154,7 +154,8 @@ def fake_run(workdir, model_folder, lora_cfg, params, step=7, data=None, train=N
         lo = {"enabled": True, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "dropout": 0.0,
               "targets": ",".join(lora_cfg.targets), "rslora": lora_cfg.rslora}
     config = {"model": {"path": str(model_folder), "revision": "", "allow_pickle": False}, "lora": lo,
-              "data": {"add_tokens": "", "max_len": 256, **(data or {})}, "train": {"task": "arithmetic", **(train or {})}}
+              "data": {"add_tokens": "", "max_len": 256, **(data or {})},
+              "train": {"task": "arithmetic", **(train or {})}}
     (workdir / "config.json").write_text(json.dumps(config))
     tx = optax.sgd(1e-3)
     with checkpoint.Checkpointer(workdir, every=1, keep=2, async_save=False) as saver:
@@ -292,7 +293,8 @@ def test_greedy_answers_use_the_template(chat_model):
 
 def test_the_base_answers_cache_is_keyed_by_the_template():
     auto, none = evaluate.Settings(template="auto"), evaluate.Settings(template="none")
-    assert evaluate.reference_key("m", PROMPTS, QUESTIONS, auto) != evaluate.reference_key("m", PROMPTS, QUESTIONS, none)
+    assert (evaluate.reference_key("m", PROMPTS, QUESTIONS, auto)
+            != evaluate.reference_key("m", PROMPTS, QUESTIONS, none))
 
 
 def test_evaluate_on_a_raw_text_run_scores_with_raw_text(no_template_folder, chat_model, tmp_path, capsys):
