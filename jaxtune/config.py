@@ -5,6 +5,11 @@ overridden on the command line (`--config.lora.rank=16`). The schema is locked: 
 from a file or an override, is an error that names the key and the nearest valid ones.
 `validate(config, num_devices)` checks values and combinations and raises one `ConfigError`
 listing every problem, before the model or data are touched.
+
+`data.eval` and `train.task` default to `auto`: they follow `data.train` when it is a bundled task
+(`task:NAME` -> held-out loss on NAME's validation split, accuracy on task NAME) and are empty
+otherwise, so a run on the user's own data is never scored on a bundled task it did not ask for.
+`resolve_auto(config)` gives the config with both resolved (what a run records in config.json).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from jaxtune.models.llama import DTYPES, REMAT_POLICIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "messages", "prompt_completion", "text")
+AUTO = "auto"  # data.eval / train.task: follow data.train when it is `task:NAME`, else none
+TASK_SPEC = "task:"
 
 
 class ConfigError(JaxtuneError, ValueError):
@@ -27,7 +34,11 @@ class ConfigError(JaxtuneError, ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All keys jaxtune understands, with defaults from practice (LoRA: PEFT/torchtune defaults)."""
+    """All keys jaxtune understands, with their defaults.
+
+    LoRA defaults: rank 8, alpha 16 and dropout 0.05 on every linear layer of the blocks
+    (`all-linear`, as QLoRA and most recipes since do; PEFT's own default for Llama is q_proj,v_proj
+    only). The embedding and the output head are one override away (`all-linear,embed_tokens,lm_head`)."""
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -43,15 +54,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.rank = 8
     c.lora.alpha = 16.0
     c.lora.dropout = 0.05
-    c.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,embed_tokens,lm_head"
+    c.lora.targets = "all-linear"  # q,k,v,o,gate,up,down; also: short names, embed_tokens, lm_head, 'all'
     c.lora.rslora = False  # scaling alpha/sqrt(r) instead of alpha/r
     c.lora.init_from = ""  # start from an existing PEFT adapter folder
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "task:viggo"  # JSONL path, `hf:NAME[:CONFIG]:SPLIT`, or `task:NAME` (bundled)
-    c.data.eval = "task:viggo"  # same forms; '' = no eval set. `task:NAME` uses its validation split
+    # same forms; '' = no eval set; `task:NAME` uses its validation split; auto = data.train's
+    # validation split when data.train is `task:NAME`, else no eval set
+    c.data.eval = AUTO
     c.data.format = "auto"  # auto | messages | prompt_completion | text
-    c.data.template = "auto"  # auto = the tokenizer's chat template; none = raw concatenation
+    # auto = the tokenizer's chat template; none = raw concatenation; or a Jinja chat template.
+    # Evaluation (held-out loss, task prompts, forgetting) renders with the same template.
+    c.data.template = "auto"
     c.data.max_len = 512  # tokens per example (longer ones are truncated and counted)
     c.data.drop_long = False  # drop over-long examples instead of truncating them
     c.data.packing = False  # pack several examples per row (segment ids; no cross-attention)
@@ -78,7 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 5
     c.train.eval_every = 50  # 0 = only at the end
     c.train.eval_batches = 0  # 0 = the whole eval set
-    c.train.task = "viggo"  # bundled task scored by generation before and after training; '' = none
+    # bundled task scored by generation before and after training; '' = none; auto = NAME when
+    # data.train is `task:NAME`, else none
+    c.train.task = AUTO
     c.train.task_examples = 48  # test examples scored
     c.train.task_max_new_tokens = 64
     c.train.progress = True  # progress bar on the terminal
@@ -90,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50  # steps between checkpoints (and always at the end); 0 = only at the end
     c.checkpoint.keep = 2  # last K checkpoints kept (plus the best by eval loss)
-    c.checkpoint.keep_best = True
+    c.checkpoint.keep_best = True  # also keep the best by eval loss (no eval set: only the last K)
     c.checkpoint.async_save = True
     return c
 
@@ -111,16 +128,80 @@ def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[
     return out
 
 
+def unknown_key_problem(key: str, where: str = "") -> str | None:
+    """None for a key of the schema, else 'unknown config key ... (did you mean ...?)'."""
+    known = flatten(base_config())
+    if key in known:
+        return None
+    close = difflib.get_close_matches(key, known, n=3)
+    return (f"unknown config key {key!r}" + (f" in {where}" if where else "")
+            + (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
 def check_known_keys(config: ml_collections.ConfigDict) -> None:
     """Every key of `config` exists in the schema (catches typos in config files)."""
-    known = flatten(base_config())
-    unknown = [k for k in flatten(config) if k not in known]
-    if unknown:
-        lines = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=3)
-            lines.append(f"unknown config key {key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise ConfigError("\n".join(lines))
+    problems = [p for p in map(unknown_key_problem, flatten(config)) if p]
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def bundled_task(train_spec: str) -> str:
+    """NAME when `train_spec` is exactly one bundled task (`task:NAME`), else ''."""
+    spec = (train_spec or "").strip()
+    if not spec.startswith(TASK_SPEC) or "," in spec or "+" in spec:
+        return ""
+    return spec[len(TASK_SPEC):].strip()
+
+
+def resolve_eval(eval_spec: str, train_spec: str) -> str:
+    """data.eval with `auto` resolved: data.train when it names only bundled tasks (`task:A+B`; their
+    validation splits are the eval set), else ''."""
+    if eval_spec != AUTO:
+        return eval_spec
+    spec = (train_spec or "").strip()
+    parts = [part.strip() for part in spec.split(",")]
+    return spec if spec and all(part.startswith(TASK_SPEC) for part in parts) else ""
+
+
+def resolve_task(task: str, train_spec: str) -> str:
+    """train.task with `auto` resolved: NAME when data.train is `task:NAME`, else '' (no task)."""
+    return bundled_task(train_spec) if task == AUTO else task
+
+
+def resolve_auto(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with data.eval and train.task resolved (explicit values are kept as they are)."""
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.data.eval = resolve_eval(config.data.eval, config.data.train)
+    resolved.train.task = resolve_task(config.train.task, config.data.train)
+    return lock(resolved)
+
+
+def _task_names(spec: str) -> list[str]:
+    """Task names of every `task:A+B` part of a comma-separated data spec."""
+    parts = [part.strip() for part in (spec or "").split(",")]
+    return [name.strip() for part in parts if part.startswith(TASK_SPEC)
+            for name in part[len(TASK_SPEC):].split("+")]
+
+
+def _task_problems(config: ml_collections.ConfigDict) -> list[str]:
+    from jaxtune import tasks
+
+    problems = []
+    named = [("data.train", name) for name in _task_names(config.data.train)]
+    named += [("data.eval", name) for name in _task_names(config.data.eval)]
+    if config.train.task not in ("", AUTO):
+        named.append(("train.task", config.train.task))
+    for key, name in named:
+        if name not in tasks.NAMES:
+            close = difflib.get_close_matches(name, tasks.NAMES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            none = "; '' = none" if key == "train.task" else ""
+            problems.append(f"{key}: unknown bundled task {name!r}{hint}; bundled tasks: {', '.join(tasks.NAMES)}{none}")
+    return problems
+
+
+def is_jinja_template(template: str) -> bool:
+    return "{%" in template or "{{" in template
 
 
 def parse_mesh_shape(shape: Any) -> tuple[int, int, int]:
@@ -160,7 +241,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         need(lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0")
     need(bool(d.train), "data.train is empty: give a JSONL file, hf:NAME:SPLIT or task:NAME")
     need(d.format in FORMATS, f"data.format={d.format!r}: choose one of {', '.join(FORMATS)}")
-    need(d.template in ("auto", "none"), f"data.template={d.template!r}: choose auto or none")
+    need(d.template in ("auto", "none") or is_jinja_template(d.template),
+         f"data.template={d.template!r}: choose auto (the tokenizer's chat template), none (raw text) "
+         f"or a Jinja chat template string")
+    problems.extend(_task_problems(config))
     need(d.max_len >= 8, f"data.max_len={d.max_len}: must be at least 8 tokens")
     need(o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
     need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -180,14 +264,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         problems.append(str(e))
         mesh = None
     if mesh is not None:
-        problems.extend(_mesh_problems(mesh, num_devices, t.batch_size // max(o.grad_accum, 1)))
+        problems.extend(_mesh_problems(mesh, num_devices, t.batch_size // max(o.grad_accum, 1), max(o.grad_accum, 1)))
     need(config.checkpoint.every >= 0, f"checkpoint.every={config.checkpoint.every}: must be >= 0")
     need(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep}: must be >= 1")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def _mesh_problems(mesh: tuple[int, int, int], num_devices: int | None, micro_batch: int) -> list[str]:
+def _mesh_problems(mesh: tuple[int, int, int], num_devices: int | None, micro_batch: int,
+                   grad_accum: int = 1) -> list[str]:
     problems = []
     if sum(1 for s in mesh if s == -1) > 1 or any(s == 0 or s < -1 for s in mesh):
         return [f"mesh.shape={mesh}: sizes must be >= 1, with at most one -1"]
@@ -205,7 +290,8 @@ def _mesh_problems(mesh: tuple[int, int, int], num_devices: int | None, micro_ba
     batch_shards = sizes[0] * sizes[1]
     if micro_batch % batch_shards:
         problems.append(f"the micro-batch of {micro_batch} rows (train.batch_size / optim.grad_accum) cannot be "
-                        f"split over data x fsdp = {batch_shards} devices: make it a multiple of {batch_shards}")
+                        f"split over data x fsdp = {batch_shards} devices: make it a multiple of {batch_shards} "
+                        f"(e.g. --config.train.batch_size={batch_shards * grad_accum})")
     return problems
 
 

@@ -19,6 +19,12 @@ Sections of the report (WORKDIR/reports/eval_<task>.json by default, plus a tabl
       diversity  distinct-1 / distinct-2 of --samples generations at temperature 1.0.
     The base model's answers are cached in REPORTS/base_reference.json, keyed by what produced them.
 
+Every prompt and every scored conversation is rendered the way the run trained: with data.template
+(the tokenizer's chat template for `auto`, the raw concatenation of the contents for `none`, or a
+given Jinja template), read from the run's config.json or given with --template. Task prompts and
+forgetting prompts need a template: with `auto` and a tokenizer without a chat template the
+evaluation stops before it generates or scores anything, with one error naming the fix.
+
 From training, `evaluate_run(model, params, lora_cfg, ...)` runs the same report on in-memory params.
 """
 
@@ -40,6 +46,7 @@ import jax
 
 import jaxtune
 
+from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune import generate as generate_lib
 from jaxtune import step as step_lib
@@ -55,10 +62,40 @@ GENERAL_PROMPTS = DATA_DIR / "general_prompts.jsonl"
 GENERAL_QUESTIONS = DATA_DIR / "general_questions.jsonl"
 QUESTION_SUFFIX = " Answer in one or two words."
 BASE_CACHE = "base_reference.json"
+TEMPLATE_FIX = ("give the template the model was trained with (data.template=none / --template=none for raw "
+                "text, or a Jinja chat template), or use a tokenizer that has one")
 
 
 # ============================================================================================
 # Task accuracy and loss (also used by jaxtune.train)
+
+
+def prompt_template(tokenizer, template: str, needed_by: str, fix: str) -> str | None:
+    """The chat template that renders prompts as training rendered conversations (None: raw text).
+
+    template is data.template ('auto', 'none' or a Jinja template). 'auto' with a tokenizer that has
+    no chat template raises a ConfigError naming `needed_by` (what needs prompts) and `fix`."""
+    if template == "auto" and not getattr(tokenizer, "chat_template", None):
+        raise config_lib.ConfigError(
+            f"{needed_by} prompts the model with conversations, but the tokenizer has no chat template and "
+            f"data.template is auto: {fix}")
+    return data_lib.resolve_chat_template(tokenizer, template)
+
+
+def prompt_ids(tokenizer, prompts: Sequence[str] | Sequence[Sequence[dict]], template: str = "auto"
+               ) -> list[list[int]]:
+    """Token ids of prompts (a user message each, or message lists) followed by what starts an answer,
+    exactly as training tokenized the same conversation before its assistant turn: the rendered chat
+    template with its generation prompt, or (template 'none') the raw contents after the tokenizer's
+    leading special tokens (BOS)."""
+    chat_template = prompt_template(tokenizer, template, "generation", "set the template to none or to a "
+                                    "Jinja chat template")
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    if chat_template is None:
+        leading = data_lib.leading_special_ids(tokenizer)
+        return [data_lib.raw_chat_ids(c, tokenizer, leading, False, "prompt")[0].tolist() for c in conversations]
+    texts = [data_lib.render(tokenizer, chat_template, c, True, "prompt") for c in conversations]
+    return data_lib.encode_many(tokenizer, texts)
 
 
 def prompt_messages(example: dict) -> list[dict]:
@@ -70,15 +107,16 @@ def prompt_messages(example: dict) -> list[dict]:
 
 def greedy_answers(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[dict]], *, params: dict | None = None,
                    lora: LoRAConfig | None = None, max_new_tokens: int = 64, batch_size: int = 16,
-                   temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Generated text per prompt (a user message or a message list), in batches, stripped.
+                   temperature: float = 0.0, seed: int = 0, template: str = "auto") -> list[str]:
+    """Generated text per prompt (a user message or a message list, rendered with `template` as in
+    training: see prompt_ids), in batches, stripped.
 
     Every batch is padded (with copies of its first prompt) to one row count, so that a whole
     evaluation compiles one decoding program per length bucket."""
     answers: list[str] = []
     rows_per_batch = min(batch_size, 1 << max(0, len(prompts) - 1).bit_length())
     for start in range(0, len(prompts), batch_size):
-        ids = generate_lib.encode_prompts(model.tokenizer, prompts[start:start + batch_size], chat=True)
+        ids = prompt_ids(model.tokenizer, prompts[start:start + batch_size], template)
         padded = ids + [ids[0]] * (rows_per_batch - len(ids))
         rows = generate_lib.generate(model, padded, max_new_tokens, temperature=temperature, seed=seed + start,
                                      params=params, lora=lora)
@@ -87,11 +125,13 @@ def greedy_answers(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequenc
 
 
 def task_accuracy(model: LoadedModel, task_name: str, examples: Sequence[dict], *, params: dict | None = None,
-                  lora: LoRAConfig | None = None, max_new_tokens: int = 64, batch_size: int = 16) -> dict:
-    """Greedy answers for `examples` scored by the task's scorer -> {accuracy, <metrics>, predictions}."""
+                  lora: LoRAConfig | None = None, max_new_tokens: int = 64, batch_size: int = 16,
+                  template: str = "auto") -> dict:
+    """Greedy answers for `examples` (prompted with `template`) scored by the task's scorer
+    -> {accuracy, <metrics>, predictions}."""
     task = tasks.get(task_name)
     predictions = greedy_answers(model, [prompt_messages(e) for e in examples], params=params, lora=lora,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, template=template)
     scores = tasks.score_all(task, predictions, list(examples))
     scores["predictions"] = [{"prediction": p, "answer": e.get("answer")} for p, e in zip(predictions, examples)]
     return scores
@@ -124,10 +164,12 @@ def tokenized_loss(model: LoadedModel, examples: Sequence[data_lib.TokenizedExam
     return loss_report(loss_sum, tokens)
 
 
-def tokenize(model: LoadedModel, examples: Sequence[dict], max_len: int, name: str = "eval"
-             ) -> list[data_lib.TokenizedExample]:
-    """Normalised examples ({"messages": [...]} or {"text": ...}) -> tokenized, assistant-only loss masks."""
-    tokenized, _ = data_lib.tokenize_examples(examples, model.tokenizer, max_len, name=name)
+def tokenize(model: LoadedModel, examples: Sequence[dict], max_len: int, name: str = "eval", template: str = "auto",
+             mask_prompt: bool = True) -> list[data_lib.TokenizedExample]:
+    """Normalised examples ({"messages": [...]} or {"text": ...}) -> tokenized as training does with
+    data.template / data.mask_prompt (default: chat template, assistant-only loss masks)."""
+    tokenized, _ = data_lib.tokenize_examples(examples, model.tokenizer, max_len, mask_prompt=mask_prompt,
+                                              template=template, name=name)
     return tokenized
 
 
@@ -186,6 +228,8 @@ class Settings:
     max_new_tokens: int = 64  # task answers
     batch_size: int = 16
     max_len: int = 512
+    template: str = "auto"  # data.template of the run: auto | none | a Jinja chat template
+    mask_prompt: bool = True  # data.mask_prompt of the run (held-out loss on assistant tokens only)
     forget_max_new_tokens: int = 48  # base answers to general prompts
     samples: int = 16  # diversity samples
     seed: int = 0
@@ -206,9 +250,10 @@ def base_reference(model: LoadedModel, params: dict, prompts: Sequence[str], que
     reference = {
         "key": key,
         "prompt_answers": greedy_answers(model, list(prompts), params=params, max_new_tokens=settings.forget_max_new_tokens,
-                                         batch_size=settings.batch_size),
+                                         batch_size=settings.batch_size, template=settings.template),
         "question_answers": greedy_answers(model, [q["question"] + QUESTION_SUFFIX for q in questions], params=params,
-                                           max_new_tokens=16, batch_size=settings.batch_size),
+                                           max_new_tokens=16, batch_size=settings.batch_size,
+                                           template=settings.template),
     }
     if cache_file is not None:
         write_report(cache_file, reference)
@@ -216,14 +261,16 @@ def base_reference(model: LoadedModel, params: dict, prompts: Sequence[str], que
 
 
 def reference_key(model_path: str, prompts: Sequence[str], questions: Sequence[dict], settings: Settings) -> str:
-    text = json.dumps([model_path, list(prompts), list(questions), settings.forget_max_new_tokens, QUESTION_SUFFIX])
+    text = json.dumps([model_path, list(prompts), list(questions), settings.forget_max_new_tokens, QUESTION_SUFFIX,
+                       settings.template])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def drift(model: LoadedModel, base_params: dict, params: dict, lora: LoRAConfig | None, prompts: Sequence[str],
           base_answers: Sequence[str], settings: Settings) -> dict:
     """Loss of the base and the fine-tuned model on the base model's own answers; delta = tuned - base."""
-    examples = tokenize(model, drift_examples(prompts, base_answers), settings.max_len, name="general_prompts")
+    examples = tokenize(model, drift_examples(prompts, base_answers), settings.max_len, name="general_prompts",
+                        template=settings.template)
     if not examples:
         return {"n_prompts": 0, "base_loss": None, "finetuned_loss": None, "delta": None}
     base = tokenized_loss(model, examples, params=base_params, max_len=settings.max_len)
@@ -238,7 +285,8 @@ def general_qa(model: LoadedModel, params: dict, lora: LoRAConfig | None, questi
     known = questions_base_knows(questions, base_answers)
     kept = [questions[i] for i in known]
     answers = greedy_answers(model, [q["question"] + QUESTION_SUFFIX for q in kept], params=params, lora=lora,
-                             max_new_tokens=16, batch_size=settings.batch_size) if kept else []
+                             max_new_tokens=16, batch_size=settings.batch_size,
+                             template=settings.template) if kept else []
     correct = [answer_matches(a, q["answers"]) for a, q in zip(answers, kept)]
     return {"n_questions": len(questions), "n_base_correct": len(kept),
             "base_accuracy": len(kept) / len(questions) if questions else None,
@@ -251,7 +299,7 @@ def diversity(model: LoadedModel, params: dict, lora: LoRAConfig | None, prompts
     """distinct-1 / distinct-2 of settings.samples generations at temperature 1.0."""
     texts = greedy_answers(model, sample_prompts(prompts, settings.samples), params=params, lora=lora,
                            max_new_tokens=settings.forget_max_new_tokens, batch_size=settings.batch_size,
-                           temperature=1.0, seed=settings.seed)
+                           temperature=1.0, seed=settings.seed, template=settings.template)
     return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "samples": len(texts)}
 
 
@@ -276,10 +324,22 @@ def forgetting(model: LoadedModel, base_params: dict, params: dict, lora: LoRACo
 
 
 def heldout_rows(task: str | None, split: str, eval_file: str | None, limit: int) -> tuple[list[dict], str]:
-    """(normalised rows, their source): --eval_file if given, else the task's bundled split."""
-    source = eval_file or str(tasks.data_file(task, split))
-    rows = data_lib.load_examples(source)
+    """(normalised rows, their source): eval_file if given (comma-separated specs; `task:NAME` is that
+    task's `split`), else the task's bundled split."""
+    source = eval_file or f"{config_lib.TASK_SPEC}{task}"
+    rows = data_lib.load_examples(data_specs(source, split))
     return (rows[:limit] if limit else rows), source
+
+
+def data_specs(source: str, split: str) -> list[str]:
+    """Comma-separated data specs -> specs for data.load_examples; `task:A+B` -> those tasks' `split` files."""
+    specs = []
+    for part in filter(None, (part.strip() for part in source.split(","))):
+        if part.startswith(config_lib.TASK_SPEC):
+            specs += [str(tasks.data_file(name, split)) for name in part[len(config_lib.TASK_SPEC):].split("+")]
+        else:
+            specs.append(part)
+    return specs
 
 
 def evaluate_run(model: LoadedModel, params: dict, lora: LoRAConfig | None = None, *, task: str | None,
@@ -291,14 +351,19 @@ def evaluate_run(model: LoadedModel, params: dict, lora: LoRAConfig | None = Non
     REPORTS/eval_<task>.json when reports_dir is given) and printed.
 
     base_params: the base weights (default model.params); compare=False evaluates `params` alone
-    (no base column, no forgetting)."""
+    (no base column, no forgetting). Everything is rendered with settings.template (see prompt_ids);
+    a template the prompts cannot use is a ConfigError before any compute."""
+    if task or compare:
+        prompt_template(model.tokenizer, settings.template, f"task {task}" if task else "the forgetting metrics",
+                        TEMPLATE_FIX)
     base_params = model.params if base_params is None else base_params
     columns = {"base": (base_params, None), "finetuned": (params, lora)} if compare else {"model": (params, lora)}
     report: dict = {"task": task, "split": settings.split, "model": model_path or str(model.folder),
                     "settings": dataclasses.asdict(settings), **(extra or {})}
 
     rows, source = heldout_rows(task, settings.split, eval_file, settings.limit)
-    examples = tokenize(model, rows, settings.max_len, name="heldout")
+    examples = tokenize(model, rows, settings.max_len, name="heldout", template=settings.template,
+                        mask_prompt=settings.mask_prompt)
     report["heldout"] = {"source": source, "n_examples": len(examples),
                          **{name: tokenized_loss(model, examples, params=p, lora=lo, max_len=settings.max_len)
                             for name, (p, lo) in columns.items()}}
@@ -306,7 +371,8 @@ def evaluate_run(model: LoadedModel, params: dict, lora: LoRAConfig | None = Non
         task_rows = tasks.load_examples(task, settings.split)
         task_rows = task_rows[:settings.limit] if settings.limit else task_rows
         scores = {name: task_accuracy(model, task, task_rows, params=p, lora=lo, max_new_tokens=settings.max_new_tokens,
-                                      batch_size=settings.batch_size) for name, (p, lo) in columns.items()}
+                                      batch_size=settings.batch_size, template=settings.template)
+                  for name, (p, lo) in columns.items()}
         report["task"] = task
         report["task_scores"] = {name: {k: v for k, v in s.items() if k != "predictions"} for name, s in scores.items()}
         report["task_predictions"] = scores["finetuned" if compare else "model"]["predictions"]
@@ -336,9 +402,10 @@ def table_rows(report: dict) -> tuple[list[str], list[tuple[str, ...]]]:
     """(column names, rows of (metric, value per column)) of a report."""
     columns = [c for c in ("base", "finetuned", "model") if c in report["heldout"]]
     rows = [(f"held-out {key}", *(_fmt(report["heldout"][c][key]) for c in columns)) for key in ("loss", "perplexity")]
-    for key in ("accuracy",) + tuple(k for k in report.get("task_scores", {}).get(columns[0], {})
-                                     if k not in ("accuracy", "task", "n", "errors")):
-        rows.append((f"{report['task']} {key}", *(_fmt(report["task_scores"][c].get(key)) for c in columns)))
+    scores = report.get("task_scores")  # absent without a task
+    for key in ("accuracy",) + tuple(k for k in scores[columns[0]] if k not in ("accuracy", "task", "n", "errors")) \
+            if scores else ():
+        rows.append((f"{report['task']} {key}", *(_fmt(scores[c].get(key)) for c in columns)))
     forgot = report.get("forgetting")
     if forgot:
         d, qa, div = forgot["drift"], forgot["general_qa"], forgot["diversity"]
@@ -372,9 +439,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--adapter", help="PEFT adapter folder or jaxtune workdir evaluated over --model")
     parser.add_argument("--step", default="last", help="checkpoint of a workdir: last, best or a number")
     parser.add_argument("--task", help=f"bundled task ({', '.join(tasks.NAMES)}); default: the run's train.task")
+    parser.add_argument("--template", help="how prompts and conversations are rendered: auto (the tokenizer's chat "
+                        "template), none (raw text) or a Jinja template; default: the run's data.template, else auto")
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
     parser.add_argument("--limit", type=int, default=0, help="task examples evaluated (0 = all)")
-    parser.add_argument("--eval_file", help="JSONL for the held-out loss instead of the task split")
+    parser.add_argument("--eval_file", help="JSONL for the held-out loss instead of the task split "
+                        "(default without a task: the run's data.eval)")
     parser.add_argument("--out", help="report JSON (default WORKDIR/reports/eval_<task>.json)")
     parser.add_argument("--samples", type=int, default=16, help="generations for distinct-n")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="task answers")
@@ -412,24 +482,29 @@ def run_command(args: argparse.Namespace) -> int:
     adapter = args.workdir or args.adapter
     run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text()) \
         if args.workdir and (pathlib.Path(args.workdir) / "config.json").exists() else {}
-    task = args.task or run_config.get("train", {}).get("task") or None
-    if task is None and not args.eval_file:
-        print("error: give --task=NAME or --eval_file=JSONL", file=sys.stderr)
+    run_data, run_train = run_config.get("data", {}), run_config.get("train", {})
+    task = args.task or config_lib.resolve_task(run_train.get("task", ""), run_data.get("train", "")) or None
+    eval_file = args.eval_file or (None if task else
+                                   config_lib.resolve_eval(run_data.get("eval", ""), run_data.get("train", "")) or None)
+    if task is None and not eval_file:
+        print("error: give --task=NAME or --eval_file=JSONL (the run has no task and no eval set)", file=sys.stderr)
         return 2
-    if task:
-        tasks.get(task)
-    loaded = inference.load_with_info(args.model, adapter, args.dtype, args.step)
     settings = Settings(split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                         general_prompts=args.general_prompts, general_questions=args.general_questions,
-                        max_len=args.max_len or int(run_config.get("data", {}).get("max_len", 512)))
+                        max_len=args.max_len or int(run_data.get("max_len", 512)),
+                        template=args.template or run_data.get("template", "auto"),
+                        mask_prompt=bool(run_data.get("mask_prompt", True)))
     reports = pathlib.Path(args.workdir) / "reports" if args.workdir else \
         (pathlib.Path(args.out).parent if args.out else None)
     if reports is None:
         print("error: without --workdir, give --out=FILE for the report", file=sys.stderr)
         return 2
+    if task:
+        tasks.get(task)
+    loaded = inference.load_with_info(args.model, adapter, args.dtype, args.step)
     evaluate_run(loaded["model"], loaded["params"], loaded["lora"], task=task, compare=adapter is not None,
-                 eval_file=args.eval_file, settings=settings, reports_dir=reports, model_path=loaded["model_path"],
+                 eval_file=eval_file, settings=settings, reports_dir=reports, model_path=loaded["model_path"],
                  out=args.out, extra={"adapter": str(adapter) if adapter else None,
                                       "adapter_kind": loaded["adapter_kind"], "step": loaded["step"]})
     return 0

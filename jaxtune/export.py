@@ -605,8 +605,9 @@ def resolve_step(workdir: str | os.PathLike, step: str | int = "last") -> int:
                 continue  # not evaluated at this step (or its metrics are unreadable)
         finite = {number: loss for number, loss in losses.items() if math.isfinite(loss)}
         if not finite:
-            raise ExportError(f"no checkpoint in {directory} has an eval loss: use --step=last or a step number "
-                              f"({', '.join(map(str, sorted(steps)))})")
+            raise ExportError(f"--step=best ranks checkpoints by eval loss, and no checkpoint in {directory} has one "
+                              f"(a run without data.eval has none): use --step=last or a step number "
+                              f"({', '.join(map(str, sorted(steps)))}), or train with --config.data.eval=FILE")
         return min(finite, key=lambda number: (finite[number], -number))
     if str(step).isdigit() and int(step) in steps:
         return int(step)

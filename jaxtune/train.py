@@ -47,12 +47,8 @@ class TrainingError(JaxtuneError, RuntimeError):
 
 
 def resolve_data_spec(spec: str, split: str) -> str:
-    """`task:NAME` -> the bundled JSONL of that task's split; other specs pass through."""
-    if not spec.startswith("task:"):
-        return spec
-    from jaxtune import tasks
-
-    return ",".join(str(tasks.data_file(name, split)) for name in spec[len("task:"):].split("+"))
+    """Comma-separated specs; each `task:NAME[+NAME]` -> the bundled JSONL of those tasks' split."""
+    return ",".join(evaluate.data_specs(spec, split))
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -171,12 +167,13 @@ def task_scores(config, cfg: ModelConfig, tokenizer, folder, trainable, frozen, 
     base_cfg = cfg.replace(lora=None)
     model = LoadedModel(base_cfg, lora.merge_trees(frozen, trainable), tokenizer, folder)
     return evaluate.task_accuracy(model, config.train.task, task_examples, params=model.params, lora=cfg.lora,
-                                  max_new_tokens=config.train.task_max_new_tokens)
+                                  max_new_tokens=config.train.task_max_new_tokens, template=config.data.template)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
     # ---- Config: validate everything before any compute -------------------------------------
     config_lib.validate(config, jax.device_count())
+    config = config_lib.resolve_auto(config)  # data.eval / train.task `auto` -> data.train's task or none
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -190,6 +187,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
     folder = hf.resolve_model_dir(config.model.path, config.model.revision or None)
     cfg = model_config(config, folder)
     tokenizer = load_tokenizer(folder)
+    if config.train.task:  # the task's prompts are rendered as training renders conversations
+        evaluate.prompt_template(tokenizer, config.data.template, f"train.task={config.train.task}",
+                                 "set data.template=none (raw text) or a Jinja chat template, or train.task='' "
+                                 "to score no task")
     vocab_ext = vocab.extend_tokenizer(tokenizer, config.data.add_tokens, cfg.vocab_size)  # data.add_tokens
     train_embeddings = vocab_ext.changed and not full_finetune  # LoRA: the new token rows train too
 
@@ -241,8 +242,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
              "opt_state": opt_state, "rng": sharding.create_sharded(lambda: jax.random.key(seed), replicated)}
     state_sh = {"step": replicated, "params": trainable_sh, "rng": replicated,
                 "opt_state": sharding.state_shardings(opt_state, trainable_sh, mesh)}
+    keep_best = config.checkpoint.keep_best and bool(datasets.eval)  # no eval set: the last K only
     checkpointer = checkpoint.Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
-                                           keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+                                           keep_best=keep_best, async_save=config.checkpoint.async_save)
     fingerprint = checkpoint.config_fingerprint(config.model.path, cfg, full_finetune, trainable)
     restored = checkpointer.restore_latest_valid(checkpoint.abstract_like(state), fingerprint)
     if restored is not None:
@@ -396,22 +398,14 @@ def default_workdir(config_path: str) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with one clear error (exit 2) for an unknown or ill-typed --config.KEY override."""
-    import difflib
-
     from absl import flags
 
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        known = config_lib.flatten(config_lib.base_config())
-        problems = []
-        for arg in argv[1:]:
-            if arg.startswith("--config."):
-                key = arg[len("--config."):].split("=", 1)[0]
-                if key not in known:
-                    close = difflib.get_close_matches(key, known, n=3)
-                    problems.append(f"unknown config key {key!r} in {arg}" +
-                                    (f" (did you mean {', '.join(close)}?)" if close else ""))
+        problems = [config_lib.unknown_key_problem(arg[len("--config."):].split("=", 1)[0], arg)
+                    for arg in argv[1:] if arg.startswith("--config.")]
+        problems = [p for p in problems if p]
         message = "\n".join(problems) or f"bad command line: {str(e).strip(chr(39))}"
         print(f"error: {message}\nSee configs/*.py and jaxtune/config.py for every key.", file=sys.stderr)
         sys.exit(2)

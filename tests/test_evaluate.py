@@ -1,5 +1,6 @@
 """Evaluation: distinct-n, the general-question filter, forgetting drift, the evaluate CLI end to end,
-and loading adapters for inference (PEFT folders, run workdirs, `generate --adapter`)."""
+loading adapters for inference (PEFT folders, run workdirs, `generate --adapter`), and rendering with
+the run's data.template (chat template, raw text, or a clear error without a chat template)."""
 
 import json
 
@@ -136,8 +137,9 @@ def test_generate_with_a_peft_adapter(model_folder, peft_dirs, capsys):
     assert generate_cli(capsys, "--adapter", str(peft_dirs["noisy"])) == noisy
 
 
-def fake_run(workdir, model_folder, lora_cfg, params, step=7):
-    """A workdir as jaxtune.train leaves it: config.json + one orbax checkpoint of `params`."""
+def fake_run(workdir, model_folder, lora_cfg, params, step=7, data=None, train=None):
+    """A workdir as jaxtune.train leaves it: config.json (data / train: keys changed) + one orbax
+    checkpoint of `params`."""
     import optax
 
     from jaxtune import checkpoint
@@ -148,7 +150,8 @@ def fake_run(workdir, model_folder, lora_cfg, params, step=7):
         lo = {"enabled": True, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "dropout": 0.0,
               "targets": ",".join(lora_cfg.targets), "rslora": lora_cfg.rslora}
     config = {"model": {"path": str(model_folder), "revision": "", "allow_pickle": False}, "lora": lo,
-              "data": {"add_tokens": "", "max_len": 256}, "train": {"task": "arithmetic"}}
+              "data": {"add_tokens": "", "max_len": 256, **(data or {})},
+              "train": {"task": "arithmetic", **(train or {})}}
     (workdir / "config.json").write_text(json.dumps(config))
     tx = optax.sgd(1e-3)
     with checkpoint.Checkpointer(workdir, every=1, keep=2, async_save=False) as saver:
@@ -235,3 +238,178 @@ def test_evaluate_cli_user_errors_exit_2_with_one_message(model_folder, tmp_path
     missing = tmp_path / "missing.jsonl"  # found only once the model is loaded and the report starts
     assert evaluate.main(["--model", str(model_folder), "--eval_file", str(missing), "--max_len", "256", *out]) == 2
     assert capsys.readouterr().err.startswith(f"error: {missing}: no such file or directory")
+
+
+# --------------------------------------------------------------------------------------------
+# The run's template: prompts and scored conversations rendered as training rendered them
+
+
+@pytest.fixture(scope="module")
+def no_template_folder(model_folder, tmp_path_factory):
+    """model_folder's weights and tokenizer without a chat template (as base models ship)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("no_template") / "model"
+    shutil.copytree(model_folder, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config.pop("chat_template", None)
+    config_file.write_text(json.dumps(tokenizer_config))
+    assert not api.load_tokenizer(folder).chat_template
+    return folder
+
+
+def task_example():
+    from jaxtune import tasks
+
+    return tasks.load_examples("viggo", "test")[0]
+
+
+@pytest.mark.parametrize("template", ["auto", "none", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                                      "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"])
+def test_prompt_ids_are_the_training_tokens_before_the_answer(chat_model, template):
+    from jaxtune import data
+
+    example = task_example()
+    [tokenized], _ = data.tokenize_examples([example], chat_model.tokenizer, 4096, template=template)
+    [prompt] = evaluate.prompt_ids(chat_model.tokenizer, [evaluate.prompt_messages(example)], template)
+    first_trained = int(np.argmax(tokenized.trained))
+    assert prompt == tokenized.ids[:first_trained].tolist()  # the model continues where training taught it
+
+
+def test_raw_prompts_have_no_chat_markup(chat_model):
+    [chat] = evaluate.prompt_ids(chat_model.tokenizer, ["Name a fruit."], "auto")
+    [raw] = evaluate.prompt_ids(chat_model.tokenizer, ["Name a fruit."], "none")
+    assert "<|im_start|>" in chat_model.tokenizer.decode(chat)
+    assert raw == chat_model.tokenizer("Name a fruit.")["input_ids"]
+
+
+def test_greedy_answers_use_the_template(chat_model):
+    from jaxtune import generate
+
+    prompts = PROMPTS[:2]
+    raw_ids = [chat_model.tokenizer(p)["input_ids"] for p in prompts]
+    expected = [chat_model.tokenizer.decode(row, skip_special_tokens=True).strip()
+                for row in generate.generate(chat_model, raw_ids, 8)]
+    assert evaluate.greedy_answers(chat_model, prompts, max_new_tokens=8, template="none") == expected
+    assert evaluate.greedy_answers(chat_model, prompts, max_new_tokens=8, template="auto") != expected
+
+
+def test_the_base_answers_cache_is_keyed_by_the_template():
+    auto, none = evaluate.Settings(template="auto"), evaluate.Settings(template="none")
+    assert (evaluate.reference_key("m", PROMPTS, QUESTIONS, auto)
+            != evaluate.reference_key("m", PROMPTS, QUESTIONS, none))
+
+
+def test_evaluate_on_a_raw_text_run_scores_with_raw_text(no_template_folder, chat_model, tmp_path, capsys):
+    """A run trained with data.template=none on a tokenizer without a chat template: every section
+    renders raw text (the same figures as tokenizing with template none), and nothing crashes."""
+    from jaxtune import data
+
+    run = fake_run(tmp_path / "run", no_template_folder, LORA, noisy_adapters(chat_model.cfg.replace(lora=LORA)),
+                   data={"template": "none"})
+    assert evaluate.main(["--workdir", str(run), "--limit", "3", "--samples", "2", "--max_new_tokens", "8",
+                          "--batch_size", "4", *small_general_files(tmp_path)]) == 0
+    report = json.loads((run / "reports" / "eval_arithmetic.json").read_text())
+    assert report["settings"]["template"] == "none"
+    rows, _ = evaluate.heldout_rows("arithmetic", "test", None, 3)
+    raw, _ = data.tokenize_examples(rows, chat_model.tokenizer, 256, template="none")
+    expected = evaluate.tokenized_loss(chat_model, raw)
+    assert report["heldout"]["base"]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert report["heldout"]["base"]["target_tokens"] == expected["target_tokens"]
+    chat, _ = data.tokenize_examples(rows, chat_model.tokenizer, 256, template="auto")
+    assert evaluate.tokenized_loss(chat_model, chat)["loss"] != pytest.approx(expected["loss"], rel=1e-3)
+    assert report["task_scores"]["base"]["n"] == 3 and report["forgetting"]["drift"]["n_prompts"] > 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_no_chat_template_and_a_task_is_one_clear_error(no_template_folder, chat_model, tmp_path, capsys):
+    run = fake_run(tmp_path / "run", no_template_folder, LORA, zero_adapters(chat_model.cfg.replace(lora=LORA)),
+                   data={"template": "auto"})
+    assert evaluate.main(["--workdir", str(run), "--limit", "2", *small_general_files(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    [error] = [line for line in err.splitlines() if line.startswith("error:")]  # one line (logs aside)
+    assert error.startswith("error: task arithmetic prompts the model with conversations, but the tokenizer has no "
+                            "chat template") and "--template=none" in error and "Traceback" not in err
+    assert not (run / "reports").exists()  # stopped before any compute
+    # The same run evaluated with the template named on the command line works.
+    assert evaluate.main(["--workdir", str(run), "--template", "none", "--limit", "2", "--samples", "2",
+                          "--max_new_tokens", "4", "--batch_size", "4", *small_general_files(tmp_path)]) == 0
+
+
+def test_a_run_without_a_task_is_evaluated_on_its_eval_set(model_folder, chat_model, tmp_path, capsys):
+    held_out = write_jsonl(tmp_path / "valid.jsonl", [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Fine."}]} for p in PROMPTS])
+    run = fake_run(tmp_path / "run", model_folder, LORA, zero_adapters(chat_model.cfg.replace(lora=LORA)),
+                   data={"train": "my.jsonl", "eval": str(held_out)}, train={"task": "auto"})
+    assert evaluate.main(["--workdir", str(run), "--samples", "2", "--batch_size", "4",
+                          *small_general_files(tmp_path)]) == 0
+    report = json.loads((run / "reports" / "eval_heldout.json").read_text())
+    assert report["task"] is None and "task_scores" not in report
+    assert report["heldout"]["source"] == str(held_out) and report["heldout"]["n_examples"] == len(PROMPTS)
+    nothing = fake_run(tmp_path / "bare", model_folder, LORA, zero_adapters(chat_model.cfg.replace(lora=LORA)),
+                       data={"train": "my.jsonl", "eval": "auto"}, train={"task": "auto"})
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(nothing)]) == 2
+    assert "--task=NAME or --eval_file=JSONL" in capsys.readouterr().err
+
+
+def tiny_run_config(model, data_file, **changes):
+    """configs/tiny.py for `model` and `data_file`, with 'group.key': value changes."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.path, config.data.train = str(model), str(data_file)
+    for key, value in changes.items():
+        group, name = key.split(".")
+        setattr(config[group], name, value)
+    return config
+
+
+def arithmetic_rows(n=8):
+    return [{"prompt": f"What is {i} + {i}?", "completion": str(2 * i)} for i in range(n)]
+
+
+def test_training_with_a_task_but_no_chat_template_stops_before_any_compute(no_template_folder, tmp_path):
+    from jaxtune import config as config_lib
+    from jaxtune import train
+
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"Line {i} of plain text."} for i in range(8)])
+    config = tiny_run_config(no_template_folder, data, **{"train.task": "arithmetic"})
+    with pytest.raises(config_lib.ConfigError, match=r"train.task=arithmetic prompts the model with conversations, "
+                       r"but the tokenizer has no chat template and data.template is auto: set data.template=none"):
+        train.run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()  # stopped before data, weights and steps
+
+
+def test_a_raw_text_run_scores_its_task_with_raw_prompts_and_keeps_the_last_checkpoints(
+        no_template_folder, tmp_path, monkeypatch):
+    """data.template=none on a tokenizer without a chat template: the task is prompted with raw text
+    before and after training; without an eval set only the last K checkpoints are kept, and
+    `export --step=best` says why there is no best."""
+    from jaxtune import train
+
+    templates = []
+    prompt_ids = evaluate.prompt_ids
+    monkeypatch.setattr(evaluate, "prompt_ids", lambda tok, prompts, template="auto": (
+        templates.append(template), prompt_ids(tok, prompts, template))[1])
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows())
+    config = tiny_run_config(no_template_folder, data, **{
+        "data.template": "none", "train.task": "arithmetic", "train.task_examples": 2, "train.task_max_new_tokens": 4,
+        "train.steps": 3, "checkpoint.every": 1, "checkpoint.keep": 1})
+    result = train.run(config, tmp_path / "run")
+    assert result.task_before["n"] == 2 and result.task_after["n"] == 2 and result.eval_before is None
+    assert templates and set(templates) == {"none"}
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recorded["data"]["eval"], recorded["train"]["task"]) == ("", "arithmetic")  # auto resolved
+    from jaxtune import checkpoint
+
+    assert sorted(checkpoint.step_dirs(tmp_path / "run" / "checkpoints")) == [3]  # keep_best without eval: last K
+    with pytest.raises(export.ExportError, match="data.eval"):
+        export.resolve_step(tmp_path / "run", "best")
