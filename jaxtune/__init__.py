@@ -2,21 +2,75 @@
 
 Entry points: `python -m jaxtune.train`, `jaxtune.generate`, `jaxtune.evaluate`, `jaxtune.export`;
 the notebook API is `jaxtune.api` (load, logits, generate_text).
+
+This module owns what the CLIs print besides their results: `setup_logging` (jaxtune's messages,
+other libraries' warnings only at JAXTUNE_LOG=debug) and `MissingPackageError` (a package that is
+not installed, named with the command that installs it).
 """
 
 import logging
+import os
 import sys
+
+LOG_LEVEL_ENV = "JAXTUNE_LOG"  # debug | info (default) | warning | error
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+INSTALL_COMMAND = "pip install -e .  (in the jaxtune checkout: installs every dependency of jaxtune)"
+
+
+class MissingPackageError(ImportError):
+    """A package is not installed: the message names it, what needs it and the command that installs it.
+
+    Raised where jaxtune meets the ImportError, so that an environment problem is never reported as
+    a problem of the user's data, config or model.
+    """
+
+    def __init__(self, package: str, needed_for: str, *, declared: bool = True, cause: BaseException | None = None):
+        install = (f"install jaxtune's dependencies: {INSTALL_COMMAND}, or just this one: pip install {package}"
+                   if declared else f"it is optional, not installed with jaxtune: pip install {package}")
+        detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        super().__init__(f"the Python package {package!r} is not installed in this environment "
+                         f"({sys.executable}); {needed_for} needs it{detail}. To fix, {install}", name=package)
+        self.package = package
+
+
+def log_level() -> int:
+    """jaxtune's log level from $JAXTUNE_LOG (default info); a bad value is one clear error."""
+    name = os.environ.get(LOG_LEVEL_ENV, "info").strip().lower() or "info"
+    if name not in LOG_LEVELS:
+        raise SystemExit(f"error: {LOG_LEVEL_ENV}={os.environ[LOG_LEVEL_ENV]!r}: use one of {', '.join(LOG_LEVELS)}")
+    return LOG_LEVELS[name]
+
+
+def third_party_level(jaxtune_level: int) -> int:
+    """Other libraries' level: their warnings are noise in a CLI's output, shown only at debug."""
+    return logging.WARNING if jaxtune_level <= logging.DEBUG else logging.ERROR
+
+
+def quiet_third_party_imports(jaxtune_level: int) -> None:
+    """Before transformers is imported: it logs advice at import time ("PyTorch was not found ...")
+    from a logger whose level it sets from $TRANSFORMERS_VERBOSITY. A value the user set wins."""
+    level = third_party_level(jaxtune_level)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(level).lower())
+    if "transformers" in sys.modules:  # imported already: set its logger directly
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity(level)
 
 
 def setup_logging() -> None:
-    """For the CLIs: jaxtune's messages at INFO; JAX, orbax and absl (which log every file) at WARNING.
+    """For the CLIs: jaxtune's messages at $JAXTUNE_LOG (default INFO) on stderr; JAX, orbax, absl and
+    transformers (which log every file, and advice that does not apply to jaxtune) at ERROR, or at
+    WARNING when JAXTUNE_LOG=debug.
 
     One stderr handler on the root logger takes the place of absl's; other handlers (pytest's
     caplog, a user's) stay, and records still propagate to them.
     """
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    level = log_level()
+    others = third_party_level(level)
+    quiet_third_party_imports(level)
+    absl_logging.set_verbosity(absl_logging.converter.standard_to_absl(others))
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers
                         if not isinstance(h, absl_logging.ABSLHandler) and not getattr(h, "jaxtune", False)]
@@ -24,5 +78,20 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     handler.jaxtune = True
     root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    logging.getLogger("jaxtune").setLevel(logging.INFO)
+    root.setLevel(others)
+    logging.getLogger("jaxtune").setLevel(level)
+
+
+def _started_as_cli() -> bool:
+    """True while `python -m jaxtune.<module>` imports this package (sys.argv[0] is then '-m')."""
+    if sys.argv[:1] != ["-m"]:
+        return False
+    argv = getattr(sys, "orig_argv", [])
+    return any(flag == "-m" and module.startswith("jaxtune.") for flag, module in zip(argv, argv[1:]))
+
+
+if _started_as_cli():  # before the CLI module's own imports reach transformers
+    try:
+        quiet_third_party_imports(log_level())
+    except SystemExit:  # a bad $JAXTUNE_LOG: setup_logging() reports it
+        pass

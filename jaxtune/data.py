@@ -97,6 +97,8 @@ from typing import Any
 
 import numpy as np
 
+import jaxtune
+
 logger = logging.getLogger("jaxtune.data")
 
 FORMATS = ("auto", "messages", "prompt_completion", "text")
@@ -458,6 +460,9 @@ def render(tokenizer, chat_template: str, messages: Sequence[dict], add_generati
     try:
         return tokenizer.apply_chat_template(plain, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
+    except ImportError as e:  # the environment lacks a package (transformers renders with jinja2): not the data
+        raise jaxtune.MissingPackageError(e.name or "jinja2", "rendering chat templates (transformers' "
+                                          "apply_chat_template)", cause=e) from e
     except Exception as e:  # jinja's raise_exception, missing variables, ...
         raise DataError(f"{source}: the chat template cannot render this conversation "
                         f"({type(e).__name__}: {e}); fix the conversation (e.g. roles must alternate "

@@ -427,7 +427,8 @@ def main(argv):
         distributed.maybe_initialize()  # multi-host launches: before anything touches a JAX device
         run(FLAGS.config, workdir)
     except (config_lib.ConfigError, data_lib.DataError, hf.WeightsError, hf.ModelError, TrainingError,
-            checkpoint.CheckpointError, sharding.ShardingError, distributed.LaunchError) as e:
+            checkpoint.CheckpointError, sharding.ShardingError, distributed.LaunchError,
+            jaxtune.MissingPackageError) as e:
         log.error("%s", e)
         sys.exit(2)
 

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import pytest
 
+from conftest import require_reference, skip_or_fail_in_ci
 from jaxtune import data
 from jaxtune.data import DataError, TokenizedExample
 
@@ -188,7 +189,7 @@ def test_explicit_format_overrides_detection(tmp_path):
 
 
 def test_datasets_sources(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_reference("datasets")
     rows = [chat(("user", "u1"), ("assistant", "a1")), chat(("user", "u2"), ("assistant", "a2"))]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
     loaded = data.load_examples(str(tmp_path / "single"))
@@ -314,6 +315,30 @@ def test_chat_errors_name_the_source(chatml, template, example, message):
         tokenize_one(chatml, example, template=template)
     assert str(info.value).startswith("t.jsonl:1: ")
     assert message in str(info.value)
+
+
+# transformers' own error when jinja2 is not installed (its `chat-template` extra), and a package
+# missing under jinja2 itself.
+MISSING_JINJA2 = ImportError("apply_chat_template requires jinja2 to be installed. Please install it using "
+                             "`pip install jinja2`.")
+MISSING_MARKUPSAFE = ModuleNotFoundError("No module named 'markupsafe'", name="markupsafe")
+
+
+@pytest.mark.parametrize("error,package", [(MISSING_JINJA2, "jinja2"), (MISSING_MARKUPSAFE, "markupsafe")])
+def test_a_missing_package_is_an_environment_error_not_a_data_error(chatml, monkeypatch, error, package):
+    import jaxtune
+
+    def apply_chat_template(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(chatml, "apply_chat_template", apply_chat_template)
+    with pytest.raises(jaxtune.MissingPackageError) as info:
+        tokenize_one(chatml, chat(("user", "a"), ("assistant", "b")))
+    message = str(info.value)
+    assert not isinstance(info.value, DataError) and info.value.name == package
+    assert f"the Python package {package!r} is not installed" in message
+    assert "pip install -e ." in message and f"pip install {package}" in message
+    assert "t.jsonl" not in message and "conversation" not in message  # the data is not blamed
 
 
 def test_single_turn_with_differing_last_turn_is_fine(chatml):
@@ -584,7 +609,7 @@ def test_pad_never_trained_even_when_pad_is_eos(chatml):
 # ---------------------------------------------------------------------------------------------
 
 def test_build_datasets_from_config(chatml, tmp_path):
-    ml_collections = pytest.importorskip("ml_collections")
+    ml_collections = require_reference("ml_collections")
     train = write_jsonl(tmp_path / "train.jsonl", [chat(("user", "hello"), ("assistant", "world"))] * 3)
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": "hello", "completion": "four"}])
     evals = write_jsonl(tmp_path / "eval.jsonl", [{"text": "hello world"}])
@@ -603,13 +628,13 @@ def test_build_datasets_from_config(chatml, tmp_path):
 
 @pytest.mark.real_model
 def test_smollm2_real_tokenizer_masks():
-    smollm2 = pytest.importorskip("jaxtune.smollm2")
+    smollm2 = require_reference("jaxtune.smollm2")
     from transformers import AutoTokenizer
 
     try:
         folder = smollm2.materialize()
     except smollm2.SourceUnavailableError as e:
-        pytest.skip(f"SmolLM2 not available: {e}")
+        skip_or_fail_in_ci(f"SmolLM2 not available: {e}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     example = chat(("user", "What is the capital of France?"), ("assistant", "Paris."),
                    ("user", "And of Italy?"), ("assistant", "Rome."))
