@@ -48,9 +48,11 @@ def third_party_level(jaxtune_level: int) -> int:
 
 def quiet_third_party_imports(jaxtune_level: int) -> None:
     """Before transformers is imported: it logs advice at import time ("PyTorch was not found ...")
-    from a logger whose level it sets from $TRANSFORMERS_VERBOSITY. A value the user set wins."""
+    from a logger whose level it sets from $TRANSFORMERS_VERBOSITY. A value already set wins."""
+    if os.environ.get("TRANSFORMERS_VERBOSITY"):
+        return
     level = third_party_level(jaxtune_level)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(level).lower())
+    os.environ["TRANSFORMERS_VERBOSITY"] = logging.getLevelName(level).lower()
     if "transformers" in sys.modules:  # imported already: set its logger directly
         from transformers.utils import logging as transformers_logging
 
@@ -58,9 +60,10 @@ def quiet_third_party_imports(jaxtune_level: int) -> None:
 
 
 def setup_logging() -> None:
-    """For the CLIs: jaxtune's messages at $JAXTUNE_LOG (default INFO) on stderr; JAX, orbax, absl and
-    transformers (which log every file, and advice that does not apply to jaxtune) at ERROR, or at
-    WARNING when JAXTUNE_LOG=debug.
+    """For the CLIs: jaxtune's messages at $JAXTUNE_LOG (default INFO) on stderr; orbax, absl,
+    transformers and the rest (which log every file, and advice that does not apply to jaxtune) at
+    ERROR, or at WARNING when JAXTUNE_LOG=debug. JAX stays at WARNING: its warnings are about the
+    hardware the run gets (a GPU present but a CPU-only jaxlib installed, ...).
 
     One stderr handler on the root logger takes the place of absl's; other handlers (pytest's
     caplog, a user's) stay, and records still propagate to them.
@@ -79,6 +82,8 @@ def setup_logging() -> None:
     handler.jaxtune = True
     root.addHandler(handler)
     root.setLevel(others)
+    if logging.getLogger("jax").level == logging.NOTSET:  # JAX_LOGGING_LEVEL, if set, wins
+        logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("jaxtune").setLevel(level)
 
 
