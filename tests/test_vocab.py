@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import require_reference
 from jaxtune import api, config as config_lib, export, lora, optim, step, vocab
 from test_packing import tiny_run_config, write_jsonl
 
@@ -97,9 +98,9 @@ def extraction_rows(n, seed=0):
 
 
 def test_added_tokens_train_save_and_export_with_lora(tiny_chat_model, tmp_path):
-    peft = pytest.importorskip("peft")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    peft = require_reference("peft")
+    torch = require_reference("torch")
+    transformers = require_reference("transformers")
     from jaxtune import train
 
     config = tiny_run_config()
