@@ -213,3 +213,26 @@ def test_without_the_chat_template_extra_jinja2_is_missing():
     without_extra = [Requirement("transformers>=5.0") if normalise(req.name) == "transformers" else req
                      for req in declared_requirements()]
     assert "jinja2" not in requirement_closure(without_extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests' reference packages (torch, peft): skipped without them locally, never in CI
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_ci, outcome", [(False, pytest.skip.Exception), (True, pytest.fail.Exception)])
+def test_a_missing_reference_skips_locally_and_fails_in_ci(monkeypatch, in_ci, outcome):
+    import conftest
+
+    monkeypatch.setattr(conftest, "IN_CI", in_ci)
+    with pytest.raises(outcome, match="'surely_not_a_package_xyz' is not installed"):
+        conftest.require_reference("surely_not_a_package_xyz")
+    assert conftest.require_reference("numpy").__name__ == "numpy"
+
+
+def test_tests_give_up_on_a_missing_package_only_through_conftest():
+    """pytest.importorskip would skip in CI too: require_reference is the one way."""
+    test_files = [path for path in sorted((REPO_ROOT / "tests").glob("test_*.py"))
+                  if path.name != pathlib.Path(__file__).name]
+    offenders = [f"{path.name}:{number}" for path in test_files
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if "importorskip(" in line]
+    assert not offenders, f"use conftest.require_reference instead of pytest.importorskip: {offenders}"
