@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxtune
 from jaxtune import api, export, hf, lora
 from jaxtune.models.llama import DTYPES, LoRAConfig
 
@@ -158,4 +159,4 @@ def load_with_info(model_path_or_alias: str | None, adapter: str | pathlib.Path 
             "step": step_number}
 
 
-LOAD_ERRORS = (InferenceError, export.ExportError, hf.WeightsError, hf.ModelError)
+LOAD_ERRORS = (InferenceError, export.ExportError, hf.WeightsError, hf.ModelError, jaxtune.MissingPackageError)

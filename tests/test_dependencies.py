@@ -215,6 +215,19 @@ def test_without_the_chat_template_extra_jinja2_is_missing():
     assert "jinja2" not in requirement_closure(without_extra)
 
 
+def test_the_optional_torch_path_names_the_missing_package(tmp_path, monkeypatch):
+    """OPTIONAL_IMPORTS' torch: without it, allow_pickle says torch is missing and optional."""
+    import jaxtune
+    from jaxtune import hf
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read: torch is missing first")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in the base install
+    with pytest.raises(jaxtune.MissingPackageError) as info:
+        list(hf.read_hf_tensors(tmp_path, allow_pickle=True))
+    assert info.value.name == "torch" and "model.allow_pickle" in str(info.value)
+    assert "optional" in str(info.value) and "pip install torch" in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tests' reference packages (torch, peft): skipped without them locally, never in CI
 # ---------------------------------------------------------------------------------------------
