@@ -2,6 +2,10 @@
 #
 #   make demo    set up .venv and fine-tune SmolLM2-135M-Instruct with LoRA on the bundled task (CPU)
 #   make test    set up .venv with the test extras and run the default test suite (CPU)
+#
+#   make demo-smoke   the demo shortened (3 steps, 2 eval batches, 4 task examples) and generation
+#                     with the built-in model and the trained adapter: CI runs it in a venv with the
+#                     base install only (make demo-smoke VENV=.venv-base), as a fresh machine has
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,8 +14,9 @@ BIN := $(VENV)/bin
 # build from PyTorch's CPU index so that a fresh machine never downloads a multi-GB CUDA wheel.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+SMOKE_WORKDIR ?= runs/demo-smoke
 
-.PHONY: setup setup-test demo test test-slow test-all bench clean
+.PHONY: setup setup-test demo demo-smoke test test-slow test-all bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +38,18 @@ setup-test: $(VENV)/.installed-test
 demo: setup
 	$(BIN)/python -m jaxtune.train --config=configs/lora_llama.py
 
+demo-smoke: setup
+	rm -rf $(SMOKE_WORKDIR)
+	$(BIN)/python -m jaxtune.train --config=configs/lora_llama.py --workdir=$(SMOKE_WORKDIR) \
+		--config.train.steps=3 --config.train.eval_every=0 --config.train.eval_batches=2 \
+		--config.train.task_examples=4
+	$(BIN)/python -m jaxtune.generate --model=smollm2-135m-instruct \
+		--prompt="What is the capital of France?" --max_new_tokens=16 > $(SMOKE_WORKDIR)/generated.txt
+	$(BIN)/python -m jaxtune.generate --adapter=$(SMOKE_WORKDIR) --prompt="Hello" --max_new_tokens=8 \
+		>> $(SMOKE_WORKDIR)/generated.txt
+	cat $(SMOKE_WORKDIR)/generated.txt
+	grep -q "Paris" $(SMOKE_WORKDIR)/generated.txt || { echo "the built-in model did not answer Paris" >&2; exit 1; }
+
 test: setup-test
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
@@ -47,4 +64,4 @@ bench: setup-test
 	$(BIN)/python benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-base runs

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxtune
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import Llama, LoRAConfig, ModelConfig, init_cache, unstack_cache, unstack_layers
 
@@ -346,6 +347,7 @@ def enable_compilation_cache() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     from jaxtune import inference
 
+    jaxtune.setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         model, params, lora = inference.load_for_inference(args.model, args.adapter, args.dtype)

@@ -26,6 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+import jaxtune
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import DTYPES, ModelConfig
 
@@ -203,7 +204,11 @@ def read_hf_tensors(folder: pathlib.Path, allow_pickle: bool = False) -> Iterato
             f"loaded; jaxtune refuses them by default. Convert them to safetensors, or, if you trust the "
             f"source, set --config.model.allow_pickle=True (needs torch)."
         )
-    import torch
+    try:
+        import torch
+    except ImportError as e:
+        raise jaxtune.MissingPackageError("torch", "reading pickled PyTorch weights (model.allow_pickle=True)",
+                                          declared=False, cause=e) from e
 
     for file in pickled:
         for name, tensor in torch.load(file, map_location="cpu", weights_only=True).items():

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, chat, write_jsonl
+from conftest import REPO_ROOT, chat, require_reference, write_jsonl
 from jaxtune import data
 from jaxtune.data import DataError
 
 
 def test_build_datasets_from_config(chatml, tmp_path):
-    ml_collections = pytest.importorskip("ml_collections")
+    ml_collections = require_reference("ml_collections")
     train = write_jsonl(tmp_path / "train.jsonl", [chat(("user", "hello"), ("assistant", "world"))] * 3)
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": "hello", "completion": "four"}])
     evals = str(write_jsonl(tmp_path / "eval.jsonl", [{"text": "hello world"}]))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import chat, write_jsonl
+from conftest import chat, require_reference, write_jsonl
 from jaxtune import data
 from jaxtune.data import DataError
 
@@ -93,7 +93,7 @@ def test_explicit_format_overrides_detection(tmp_path):
 
 
 def test_datasets_sources(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_reference("datasets")
     rows = [chat(("user", "u1"), ("assistant", "a1")), chat(("user", "u2"), ("assistant", "a2"))]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
     loaded = data.load_examples(str(tmp_path / "single"))

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import CHATML, chat
+from conftest import CHATML, chat, require_reference, skip_or_fail_in_ci
 from jaxtune import data
 from jaxtune.data import DataError
 
@@ -150,6 +150,29 @@ def test_chat_errors_name_the_source(chatml, template, example, message):
     assert str(info.value).startswith("t.jsonl:1: ")
     assert message in str(info.value)
 
+# transformers' own error when jinja2 is not installed (its `chat-template` extra), and a package
+# missing under jinja2 itself.
+MISSING_JINJA2 = ImportError("apply_chat_template requires jinja2 to be installed. Please install it using "
+                             "`pip install jinja2`.")
+MISSING_MARKUPSAFE = ModuleNotFoundError("No module named 'markupsafe'", name="markupsafe")
+
+
+@pytest.mark.parametrize("error,package", [(MISSING_JINJA2, "jinja2"), (MISSING_MARKUPSAFE, "markupsafe")])
+def test_a_missing_package_is_an_environment_error_not_a_data_error(chatml, monkeypatch, error, package):
+    import jaxtune
+
+    def apply_chat_template(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(chatml, "apply_chat_template", apply_chat_template)
+    with pytest.raises(jaxtune.MissingPackageError) as info:
+        tokenize_one(chatml, chat(("user", "a"), ("assistant", "b")))
+    message = str(info.value)
+    assert not isinstance(info.value, DataError) and info.value.name == package
+    assert f"the Python package {package!r} is not installed" in message
+    assert "pip install -e ." in message and f"pip install {package}" in message
+    assert "t.jsonl" not in message and "conversation" not in message  # the data is not blamed
+
 
 def test_single_turn_with_differing_last_turn_is_fine(chatml):
     result = tokenize_one(chatml, chat(("user", "a"), ("assistant", "b")), template=LAST_TURN_DIFFERS)
@@ -189,13 +212,13 @@ def test_truncation_stats_and_drops(chatml, caplog):
 
 @pytest.mark.real_model
 def test_smollm2_real_tokenizer_masks():
-    smollm2 = pytest.importorskip("jaxtune.smollm2")
+    smollm2 = require_reference("jaxtune.smollm2")
     from transformers import AutoTokenizer
 
     try:
         folder = smollm2.materialize()
     except smollm2.SourceUnavailableError as e:
-        pytest.skip(f"SmolLM2 not available: {e}")
+        skip_or_fail_in_ci(f"SmolLM2 not available: {e}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     example = chat(("user", "What is the capital of France?"), ("assistant", "Paris."),
                    ("user", "And of Italy?"), ("assistant", "Rome."))

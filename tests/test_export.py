@@ -11,12 +11,13 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import require_reference
 from jaxtune import api, export, lora
 from jaxtune.models.llama import ALL_TARGETS
 
-peft = pytest.importorskip("peft")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+peft = require_reference("peft")
+torch = require_reference("torch")
+transformers = require_reference("transformers")
 
 TOKENS = np.array([[5, 9, 12, 200, 3, 255, 17, 0], [7, 7, 1, 254, 128, 64, 33, 2]], np.int32)
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config, write_chat_jsonl
+from conftest import require_reference, tiny_config, write_chat_jsonl
 from jaxtune import api, checkpoint, lora, train
 
 # The shared 24-step run compiles a sharded step for the 8 simulated devices: minutes on a busy 2-core box.
@@ -124,8 +124,8 @@ def torch_logits(model):
 
 
 def test_peft_export_of_the_run_loads_in_peft_with_the_same_logits(lora_run, run_logits, tiny_chat_model, tmp_path):
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    peft = require_reference("peft")
+    transformers = require_reference("transformers")
     out = export_cli(lora_run.workdir, "peft", tmp_path / "adapter")
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model, attn_implementation="eager").eval()
     model = peft.PeftModel.from_pretrained(base, str(out)).eval()
@@ -133,7 +133,7 @@ def test_peft_export_of_the_run_loads_in_peft_with_the_same_logits(lora_run, run
 
 
 def test_merged_export_of_the_run_loads_in_transformers_with_the_same_logits(lora_run, run_logits, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_reference("transformers")
     out = export_cli(lora_run.workdir, "merged", tmp_path / "merged")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     np.testing.assert_allclose(torch_logits(model), run_logits, atol=1e-4)

@@ -6,9 +6,8 @@ import json
 
 import jax
 import numpy as np
-import pytest
 
-from conftest import tiny_config, write_jsonl
+from conftest import require_reference, tiny_config, write_jsonl
 from jaxtune import api, config as config_lib, export, lora, optim, step, vocab
 
 TOKENS = "<|extract|>,<|done|>"
@@ -97,9 +96,9 @@ def extraction_rows(n, seed=0):
 
 
 def test_added_tokens_train_save_and_export_with_lora(tiny_chat_model, tmp_path):
-    peft = pytest.importorskip("peft")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    peft = require_reference("peft")
+    torch = require_reference("torch")
+    transformers = require_reference("transformers")
     from jaxtune import train
 
     config = tiny_config()

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from jaxtune.data.sources import DataError
+from jaxtune.errors import MissingPackageError
 
 logger = logging.getLogger("jaxtune.data")
 
@@ -169,6 +170,9 @@ def render(tokenizer, chat_template: str, messages: Sequence[dict], add_generati
     try:
         return tokenizer.apply_chat_template(plain, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
+    except ImportError as e:  # the environment lacks a package (transformers renders with jinja2): not the data
+        raise MissingPackageError(e.name or "jinja2", "rendering chat templates (transformers' "
+                                  "apply_chat_template)", cause=e) from e
     except Exception as e:  # jinja's raise_exception, missing variables, ...
         raise DataError(f"{source}: the chat template cannot render this conversation "
                         f"({type(e).__name__}: {e}); fix the conversation (e.g. roles must alternate "
