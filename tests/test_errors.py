@@ -19,6 +19,7 @@ BUILT_IN_BASES = {
     "jaxtune.checkpoint.CheckpointError": OSError,
     "jaxtune.config.ConfigError": ValueError,
     "jaxtune.data.sources.DataError": ValueError,
+    "jaxtune.errors.MissingPackageError": ImportError,
     "jaxtune.distributed.LaunchError": RuntimeError,
     "jaxtune.export.ExportError": ValueError,
     "jaxtune.hf.ModelError": ValueError,
