@@ -322,7 +322,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
                 what = f"loss is {loss}" if not math.isfinite(loss) else "the updated weights are not finite"
                 raise TrainingError(
                     f"{what} at step {step_num}: training diverged. Lower optim.lr "
-                    f"(now {config.optim.lr}), keep optim.clip_norm > 0, or use model.dtype=float32. "
+                    f"(now {config.optim.lr}), keep optim.clip_norm > 0, or use model.compute_dtype=float32. "
                     f"Checkpoints saved before this step are intact in {checkpointer.directory}.")
         if step_num % config.train.log_every == 0 or step_num == num_steps:
             elapsed = time.perf_counter() - window_start
