@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = "smollm2-135m-instruct"  # HF folder, hub id, or built-in alias
     c.model.revision = ""  # hub revision (branch, tag or commit), '' = default
-    c.model.dtype = "float32"  # parameter dtype
+    c.model.dtype = "float32"  # storage dtype of the frozen weights; trained weights are always float32
     c.model.compute_dtype = "float32"  # activation/matmul dtype (bfloat16 on GPU/TPU)
     c.model.remat = "none"  # none | full | dots | dots_no_batch (rematerialisation per layer)
     c.model.allow_pickle = False  # allow pickled pytorch_model.bin weights (runs pickle!)

@@ -64,7 +64,7 @@ import numpy as np
 
 from jaxtune import hf, lora, vocab
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.llama import ALL_TARGETS, DTYPES, LINEAR_TARGETS, LoRAConfig, ModelConfig
+from jaxtune.models.llama import ADAPTER_DTYPE, ALL_TARGETS, DTYPES, LINEAR_TARGETS, LoRAConfig, ModelConfig
 
 log = logging.getLogger("jaxtune")
 
@@ -356,7 +356,7 @@ def _adapter_dir_vocab(tensors: dict[str, np.ndarray]) -> int | None:
 def load_peft_adapter(adapter_dir: str | os.PathLike, base_cfg: ModelConfig) -> tuple[dict, LoRAConfig]:
     """Read a PEFT LoRA adapter folder into (our adapter tree, LoRAConfig) for the model of base_cfg.
 
-    Adapters come back in base_cfg.param_dtype. Use them as
+    Adapters come back in float32 (trainable leaves are always float32). Use them as
     `api.logits(model, tokens, params=merge_trees(base, adapters), lora=lora_cfg)`. An adapter trained
     with an extended vocabulary needs base_cfg.vocab_size set to that size and the embedding rows from
     `load_peft_embedding_layers`.
@@ -387,7 +387,7 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, base_cfg: ModelConfig) -> 
     cfg = base_cfg.replace(lora=lora_cfg)
     shapes = {tuple(k.key for k in kp): leaf.shape
               for kp, leaf in jax.tree_util.tree_flatten_with_path(lora.adapter_shapes(cfg))[0]}
-    dtype = np.dtype(DTYPES[cfg.param_dtype])
+    dtype = np.dtype(ADAPTER_DTYPE)
     buffers: dict[Path, np.ndarray] = {}
     missing, wrong_shape = [], []
     for name, path, layer in peft_tensor_names(cfg):

@@ -3,7 +3,8 @@
 The adapter of a kernel W [in, out] is `lora_a` [in, r] (PEFT's kaiming-uniform init) and `lora_b`
 [r, out] (zeros), stored next to the kernel; the model adds `scaling * dropout(x) a b`. Embedding
 adapters follow PEFT (`lora_a` [V, r] zeros, `lora_b` [r, D] normal). Scanned layers carry a
-leading layer axis L on both.
+leading layer axis L on both. Adapters are float32 whatever the base weights' dtype (see
+`jaxtune.models.llama.ADAPTER_DTYPE`).
 
 Trainable vs frozen is ONE predicate over parameter paths (`is_trainable`): optimizer labels,
 the train/frozen split, adapter-only checkpoints and exports all derive from it. A LoRA run that
@@ -120,7 +121,9 @@ def adapter_shapes(cfg: ModelConfig) -> dict:
 
 
 def init_adapters(cfg: ModelConfig, rng: jax.Array) -> dict:
-    """Fresh adapters for cfg.lora: linear a ~ PEFT kaiming-uniform, b = 0; embedding a = 0, b ~ N(0, 1)."""
+    """Fresh adapters for cfg.lora: linear a ~ PEFT kaiming-uniform, b = 0; embedding a = 0, b ~ N(0, 1).
+
+    Always float32 (models.llama.ADAPTER_DTYPE), whatever cfg.param_dtype: they are trained."""
     shapes = adapter_shapes(cfg)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(rng, len(flat))

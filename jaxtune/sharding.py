@@ -436,6 +436,15 @@ def bytes_per_device(tree) -> dict[str, int]:
     return per_device
 
 
+def bytes_by_dtype(tree) -> dict[str, int]:
+    """{dtype name: the most bytes one device holds of the `tree` leaves of that dtype}."""
+    groups: dict[str, list] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            groups.setdefault(str(leaf.dtype), []).append(leaf)
+    return {name: max(bytes_per_device(leaves).values(), default=0) for name, leaves in sorted(groups.items())}
+
+
 def activation_bytes_estimate(cfg, batch_size: int, seq_len: int, mesh: Mesh) -> int:
     """Formula estimate of the activations one device keeps for the backward pass of a train step.
 
@@ -474,9 +483,11 @@ def memory_report(params, opt_state, mesh: Mesh, *, cfg=None, batch_size: int = 
                   trainable=None) -> dict[str, Any]:
     """Per-device bytes of params and optimizer state (measured from the arrays' addressable shards).
 
-    `trainable` (the differentiated subtree) adds its bytes as the gradient estimate; `cfg`,
-    `batch_size` and `seq_len` add `activation_bytes_estimate`. Returns a dict with per-device
-    figures, the maxima over devices, and `text` (a short human-readable table).
+    `trainable` (the differentiated subtree) adds its bytes as the gradient estimate and a line on
+    what each trained param costs (trained weights are float32 master weights whatever model.dtype:
+    4 bytes, plus 8 for AdamW's two moments and 4 for its gradient); `cfg`, `batch_size` and
+    `seq_len` add `activation_bytes_estimate`. Returns a dict with per-device figures, the maxima
+    over devices, the params' bytes by dtype, and `text` (a short human-readable table).
     """
     params_by_device = bytes_per_device(params)
     state_by_device = bytes_per_device(opt_state)
@@ -490,6 +501,8 @@ def memory_report(params, opt_state, mesh: Mesh, *, cfg=None, batch_size: int = 
         "params_max": max((v["params"] for v in per_device.values()), default=0),
         "opt_state_max": max((v["opt_state"] for v in per_device.values()), default=0),
         "grads_estimate_max": max((v["grads_estimate"] for v in per_device.values()), default=0),
+        "params_by_dtype": bytes_by_dtype(params),
+        "trainable_by_dtype": bytes_by_dtype(trainable) if trainable is not None else {},
         "activations_estimate": activation_bytes_estimate(cfg, batch_size, seq_len, mesh)
         if cfg is not None and batch_size and seq_len else 0,
     }
@@ -509,14 +522,21 @@ def human_bytes(n: float) -> str:
 
 def format_memory_report(report: Mapping[str, Any]) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
+    by_dtype = report.get("params_by_dtype", {})
+    dtypes = f"  ({', '.join(f'{name} {human_bytes(n)}' for name, n in by_dtype.items())})" if by_dtype else ""
     lines = [f"memory per device (mesh {mesh}; max over {len(report['per_device'])} local devices):",
-             f"  params            {human_bytes(report['params_max'])}",
+             f"  params            {human_bytes(report['params_max'])}{dtypes}",
              f"  optimizer state   {human_bytes(report['opt_state_max'])}"]
     if report["grads_estimate_max"]:
         lines.append(f"  gradients (est.)  {human_bytes(report['grads_estimate_max'])}")
     if report["activations_estimate"]:
         lines.append(f"  activations (est.) {human_bytes(report['activations_estimate'])}")
     lines.append(f"  total (est.)      {human_bytes(report['total_estimate_max'])}")
+    trained = report.get("trainable_by_dtype", {})
+    if set(trained) == {"float32"}:
+        lines.append(f"  of the params, {human_bytes(trained['float32'])} are the trained weights: float32 master "
+                     f"weights whatever model.dtype, 16 bytes per trained param with AdamW's moments (8) and the "
+                     f"gradient (4)")
     return "\n".join(lines)
 
 

@@ -5,7 +5,9 @@
 Gradient accumulation scans over micro-batches, summing un-normalised gradients and target-token
 counts, and divides once at the end: k micro-batches give the same update as one batch k times
 larger. Only the trainable subtree is differentiated: frozen weights are a constant argument and
-have neither gradients nor optimizer buffers.
+have neither gradients nor optimizer buffers. The trainable leaves are float32 master weights
+(jaxtune.train), so gradients are accumulated, and Adam's moments kept, in float32 whatever
+model.dtype; the forward casts every param to model.compute_dtype.
 """
 
 from __future__ import annotations

@@ -161,6 +161,26 @@ def initial_adapters(config, cfg: ModelConfig, mesh, rules) -> dict:
         x.shape, sh, lambda index: np.asarray(x)[index]), adapters, shardings)
 
 
+def storage_config(cfg: ModelConfig, full_finetune: bool) -> ModelConfig:
+    """The config the base weights load with. Full fine-tuning trains every weight, and trained weights
+    are float32 master weights whatever model.dtype: they load straight in float32 (never rounded to
+    model.dtype first). A LoRA run's frozen base keeps model.dtype."""
+    return cfg.replace(param_dtype="float32") if full_finetune else cfg
+
+
+def as_master_weights(trainable: dict) -> dict:
+    """The trainable subtree as float32 master weights, each leaf kept in its sharding.
+
+    Adam's update of a weight is about lr (1e-5 .. 1e-4): below bfloat16's resolution for most
+    weights, so a bfloat16 trained leaf (or its moments, which optax keeps in the param dtype) would
+    quietly stop moving. The forward casts every param to model.compute_dtype where it is used."""
+    if all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(trainable)):
+        return trainable
+    to_float32 = functools.partial(jax.tree_util.tree_map, lambda leaf: leaf.astype(jnp.float32))
+    return sharding.create_sharded(to_float32, jax.tree_util.tree_map(lambda leaf: leaf.sharding, trainable),
+                                   trainable)
+
+
 def task_scores(config, cfg: ModelConfig, tokenizer, folder, trainable, frozen, task_examples) -> dict | None:
     if not task_examples:
         return None
@@ -219,13 +239,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
             yield sharding.device_batch(batch, mesh, rules)
 
     # ---- Model params: base weights + adapters, each leaf placed in its sharding -------------
-    base = hf.load_params(folder, cfg, allow_pickle=config.model.allow_pickle, place=sharding.place_fn(mesh, rules))
+    base = hf.load_params(folder, storage_config(cfg, full_finetune), allow_pickle=config.model.allow_pickle,
+                          place=sharding.place_fn(mesh, rules))
     if vocab_ext.changed:  # embedding (and untied head) resized for the added tokens, new rows = mean row
         base = vocab.resize_params(base, vocab_ext, sharding_for=lambda path, shape: jax.sharding.NamedSharding(
             mesh, sharding.spec_for(path, shape, mesh, rules)[0]))
         cfg = cfg.replace(vocab_size=vocab_ext.new_size)
     params = base if cfg.lora is None else lora.merge_trees(base, initial_adapters(config, cfg, mesh, rules))
     trainable, frozen = lora.split_trainable(params, full_finetune, train_embeddings)
+    trainable = as_master_weights(trainable)
     log.info("params: %s trainable of %s (%s)", f"{lora.count_params(trainable):,}",
              f"{lora.count_params(params):,}", "full fine-tuning" if full_finetune else f"LoRA r={cfg.lora.rank}")
 
@@ -303,7 +325,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
                 what = f"loss is {loss}" if not math.isfinite(loss) else "the updated weights are not finite"
                 raise TrainingError(
                     f"{what} at step {step_num}: training diverged. Lower optim.lr "
-                    f"(now {config.optim.lr}), keep optim.clip_norm > 0, or use model.dtype=float32. "
+                    f"(now {config.optim.lr}), keep optim.clip_norm > 0, or use model.compute_dtype=float32. "
                     f"Checkpoints saved before this step are intact in {checkpointer.directory}.")
         if step_num % config.train.log_every == 0 or step_num == num_steps:
             elapsed = time.perf_counter() - window_start

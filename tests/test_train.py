@@ -1,25 +1,31 @@
 """`jaxtune.train.run` end to end on a tiny real task, and `python -m jaxtune.export` of the run it leaves.
 
-One LoRA run (module fixture) of the tiny random Llama with SmolLM2's tokenizer and ChatML template on a
-repetitive chat task: the loss falls, the frozen base is untouched bit for bit, the workdir holds every
-artifact, and both exports load in peft / transformers with jaxtune's logits.
+One LoRA run (module fixture, slow) of the tiny random Llama with SmolLM2's tokenizer and ChatML template
+on a repetitive chat task: the loss falls, the frozen base is untouched bit for bit, the workdir holds
+every artifact, and both exports load in peft / transformers with jaxtune's logits. In the default suite:
+an interrupted run resumes bit for bit (dropout, async saves, gradient accumulation), and full
+fine-tuning with model.dtype=bfloat16 trains float32 master weights.
 """
 
 import json
+import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import require_reference, tiny_config, write_chat_jsonl
 from jaxtune import api, checkpoint, lora, train
+from test_cli import assert_states_identical, stored_state
 
 # The shared 24-step run compiles a sharded step for the 8 simulated devices: minutes on a busy 2-core box.
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -47,6 +53,7 @@ def records(workdir: pathlib.Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+@slow
 def test_loss_falls_on_a_small_real_task(lora_run):
     train_records = records(lora_run.workdir, "train")
     assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))  # log_every=1
@@ -60,6 +67,7 @@ def test_loss_falls_on_a_small_real_task(lora_run):
     assert lora_run.train_loss == pytest.approx(train_records[-1]["loss"])
 
 
+@slow
 def test_lora_leaves_the_frozen_base_bit_identical(lora_run, tiny_chat_model):
     base = api.load(str(tiny_chat_model), with_tokenizer=False).params
     frozen = jax.tree_util.tree_flatten_with_path(lora_run.frozen)[0]
@@ -74,6 +82,7 @@ def test_lora_leaves_the_frozen_base_bit_identical(lora_run, tiny_chat_model):
                if checkpoint._leaf_path(kp).endswith("lora_b") and "embed_tokens" not in checkpoint._leaf_path(kp))
 
 
+@slow
 def test_workdir_holds_metrics_tensorboard_summary_config_and_checkpoints(lora_run):
     workdir = lora_run.workdir
     for record in records(workdir, "train"):
@@ -123,6 +132,7 @@ def torch_logits(model):
         return model(input_ids=torch.as_tensor(TOKENS, dtype=torch.long)).logits.float().numpy()
 
 
+@slow
 def test_peft_export_of_the_run_loads_in_peft_with_the_same_logits(lora_run, run_logits, tiny_chat_model, tmp_path):
     peft = require_reference("peft")
     transformers = require_reference("transformers")
@@ -132,8 +142,109 @@ def test_peft_export_of_the_run_loads_in_peft_with_the_same_logits(lora_run, run
     np.testing.assert_allclose(torch_logits(model), run_logits, atol=1e-4)
 
 
+@slow
 def test_merged_export_of_the_run_loads_in_transformers_with_the_same_logits(lora_run, run_logits, tmp_path):
     transformers = require_reference("transformers")
     out = export_cli(lora_run.workdir, "merged", tmp_path / "merged")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     np.testing.assert_allclose(torch_logits(model), run_logits, atol=1e-4)
+
+
+# ============================================================================================
+# Exact resume, in process (the kill -9 versions are in test_cli.py, slow)
+
+
+def short_run_config(model: pathlib.Path, data: pathlib.Path):
+    config = tiny_config()
+    config.model.path = str(model)
+    config.data.train = str(data)
+    config.lora.targets = "all-linear"
+    config.optim.warmup_steps = 0
+    return config
+
+
+def test_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one(tiny_chat_model, tmp_path, caplog):
+    """Dropout on, async saves, 2 micro-batches per step, a checkpoint every 2 of 4 steps.
+
+    The interruption: the workdir as a kill right after step 2's checkpoint committed leaves it (the
+    later checkpoints removed). Its rerun restores params, Adam moments, the dropout rng and the data
+    position from step 2 and must end exactly where the uninterrupted run ended."""
+    config = short_run_config(tiny_chat_model, write_chat_jsonl(tmp_path / "train.jsonl"))
+    config.lora.dropout = 0.1
+    config.optim.grad_accum = 2
+    config.train.batch_size = 16  # micro-batches of 8 rows over the 8 simulated devices
+    config.train.steps = 4
+    config.checkpoint.every = 2
+    config.checkpoint.keep = 10
+    config.checkpoint.async_save = True
+    uninterrupted = train.run(config, tmp_path / "uninterrupted")
+    assert sorted(checkpoint.step_dirs(tmp_path / "uninterrupted" / "checkpoints")) == [2, 4]
+
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "uninterrupted", interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "4")
+    with caplog.at_level(logging.INFO, logger="jaxtune"):
+        resumed = train.run(config, interrupted)
+    assert "resumed from checkpoint step 2" in caplog.text
+
+    final = stored_state(interrupted, 4)
+    assert_states_identical(final, stored_state(tmp_path / "uninterrupted", 4))  # params, Adam state, rng, step
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(resumed.params)[0],
+                            jax.tree_util.tree_leaves(uninterrupted.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=checkpoint._leaf_path(path))
+    at_step_2 = stored_state(interrupted, 2)  # steps 3 and 4 did move the adapters
+    assert any(not np.array_equal(at_step_2[k], final[k]) for k in final if k.startswith("params/"))
+
+
+# ============================================================================================
+# model.dtype=bfloat16: trained weights are float32 master weights
+
+
+def test_full_finetuning_with_bfloat16_dtype_trains_float32_master_weights(tiny_chat_model, tmp_path, caplog):
+    """Adam's updates at lr 1e-5 are below bfloat16's resolution: bfloat16 weights kept ~15% of them.
+    Full fine-tuning with model.dtype=bfloat16 keeps every trained weight, and so its gradient and
+    Adam moments, in float32 (compute stays bfloat16)."""
+    config = short_run_config(tiny_chat_model, write_chat_jsonl(tmp_path / "train.jsonl"))
+    config.lora.enabled = False
+    config.model.dtype = config.model.compute_dtype = "bfloat16"
+    config.optim.lr = 1e-5
+    config.train.steps = 3
+    with caplog.at_level(logging.INFO, logger="jaxtune"):
+        result = train.run(config, tmp_path / "run")
+    assert result.frozen == {}
+    # The memory report says what the float32 master weights cost.
+    params_line = next(line for line in caplog.text.splitlines() if line.strip().startswith("params "))
+    assert "float32" in params_line and "bfloat16" not in params_line, params_line
+    assert "16 bytes per trained param" in caplog.text
+    source = api.load(str(tiny_chat_model), with_tokenizer=False).params  # float32 on disk
+    moved = total = 0
+    for (path, trained), initial in zip(jax.tree_util.tree_flatten_with_path(result.params)[0],
+                                        jax.tree_util.tree_leaves(source)):
+        if checkpoint._leaf_path(path).endswith("kernel"):
+            trained = np.asarray(trained)
+            moved += int(np.sum(trained != np.asarray(initial).astype(trained.dtype)))
+            total += trained.size
+    assert total and moved / total >= 0.95, f"{moved / total:.1%} of the kernel entries moved"
+    saved = stored_state(tmp_path / "run", 3)
+    float_leaves = {key: str(value.dtype) for key, value in saved.items()
+                    if key.startswith(("params/", "opt_state/")) and jnp.issubdtype(value.dtype, jnp.floating)}
+    assert any(key.startswith("opt_state/") for key in float_leaves)
+    assert set(float_leaves.values()) == {"float32"}, float_leaves
+
+
+def test_master_weights_are_float32_copies_in_the_same_sharding():
+    """The path a LoRA run with data.add_tokens takes over a bfloat16 base: its trained embedding table
+    becomes a float32 master weight, sharded as it was; float32 trees pass through uncast."""
+    from jaxtune import sharding
+
+    mesh = sharding.make_mesh("1,-1,1")
+    place = sharding.place_fn(mesh)
+    embedding = np.random.default_rng(0).normal(size=(64, 16)).astype(jnp.bfloat16)
+    trainable = {"model": {"embed_tokens": {"embedding": place(("model", "embed_tokens", "embedding"), embedding)},
+                           "norm": {"scale": place(("model", "norm", "scale"), np.ones(16, np.float32))}}}
+    master = train.as_master_weights(trainable)
+    for path in (("embed_tokens", "embedding"), ("norm", "scale")):
+        before, after = trainable["model"][path[0]][path[1]], master["model"][path[0]][path[1]]
+        assert after.dtype == jnp.float32 and after.sharding == before.sharding, path
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before).astype(np.float32))
+    assert train.as_master_weights(master) is master

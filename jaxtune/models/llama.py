@@ -9,6 +9,8 @@ leaf under `model/layers` carries a leading layer axis L.
 LoRA adapters live next to the kernel they adapt (`lora_a [in, r]`, `lora_b [r, out]`):
     y = x W + scaling * dropout(x) a b           (never materialises W + a b)
 Embedding LoRA follows PEFT's lora_embedding_A/B: `y = E[x] + scaling * a[x] b`.
+Adapters are float32 (`ADAPTER_DTYPE`) whatever `param_dtype`; every param, adapter or base, is cast
+to `compute_dtype` where it is used, so a float32 leaf (a master weight) runs over a bfloat16 base.
 
 Shapes: B batch, T query length, S key length (T, or the cache length when decoding), D hidden,
 H query heads, K kv heads, G = H / K, Dh head dim, F mlp width, V vocab, L layers, r LoRA rank.
@@ -25,6 +27,9 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# LoRA adapters are trainable, so always float32 master weights whatever param_dtype (an Adam update of
+# ~lr is below bfloat16's resolution and would vanish); they are cast to the compute dtype at use.
+ADAPTER_DTYPE = jnp.float32
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = LINEAR_TARGETS + ("embed_tokens", "lm_head")
@@ -164,8 +169,8 @@ class Linear(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         if self.lora is not None:
-            a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), self.param_dtype)
-            b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), self.param_dtype)
+            a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), ADAPTER_DTYPE)
+            b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), ADAPTER_DTYPE)
             x_dropped = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
             y = y + (x_dropped.astype(self.dtype) @ a.astype(self.dtype)) @ b.astype(self.dtype) * self.lora.scaling
         return y
@@ -185,8 +190,9 @@ class Embed(nn.Module):
             "embedding", nn.initializers.normal(0.02), (self.vocab_size, self.features), self.param_dtype
         )
         if self.lora is not None:
-            self.lora_a = self.param("lora_a", nn.initializers.zeros, (self.vocab_size, self.lora.rank), self.param_dtype)
-            self.lora_b = self.param("lora_b", nn.initializers.normal(1.0), (self.lora.rank, self.features), self.param_dtype)
+            rank = self.lora.rank
+            self.lora_a = self.param("lora_a", nn.initializers.zeros, (self.vocab_size, rank), ADAPTER_DTYPE)
+            self.lora_b = self.param("lora_b", nn.initializers.normal(1.0), (rank, self.features), ADAPTER_DTYPE)
 
     def __call__(self, tokens_BxT):
         x = jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.dtype)
@@ -211,8 +217,8 @@ class TiedHeadLoRA(nn.Module):
 
     @nn.compact
     def __call__(self, h_BxTxD):
-        a = self.param("lora_a", lora_a_init, (h_BxTxD.shape[-1], self.lora.rank), self.param_dtype)
-        b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.vocab_size), self.param_dtype)
+        a = self.param("lora_a", lora_a_init, (h_BxTxD.shape[-1], self.lora.rank), ADAPTER_DTYPE)
+        b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.vocab_size), ADAPTER_DTYPE)
         h = nn.Dropout(self.lora.dropout)(h_BxTxD, deterministic=self.deterministic)
         return (h.astype(self.dtype) @ a.astype(self.dtype)) @ b.astype(self.dtype) * self.lora.scaling
 
