@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune import lora as lora_lib
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import DTYPES, REMAT_POLICIES
 
@@ -95,11 +96,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    config.lock()
-    return config
-
-
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in (config.items() if hasattr(config, "items") else []):
@@ -138,8 +134,6 @@ def parse_mesh_shape(shape: Any) -> tuple[int, int, int]:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise one ConfigError listing every problem of `config` (values and combinations)."""
-    from jaxtune import lora as lora_lib
-
     check_known_keys(config)
     problems: list[str] = []
 

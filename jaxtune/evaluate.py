@@ -44,11 +44,12 @@ from jaxtune import data as data_lib
 from jaxtune import generate as generate_lib
 from jaxtune import step as step_lib
 from jaxtune import tasks
-from jaxtune.api import LoadedModel
+from jaxtune import workdir as workdir_lib
+from jaxtune.loading import LoadedModel, load_with_info
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import LoRAConfig
 
-log = logging.getLogger("jaxtune.evaluate")
+log = logging.getLogger(__name__)
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "evaluate_data"
 GENERAL_PROMPTS = DATA_DIR / "general_prompts.jsonl"
@@ -407,22 +408,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """The command line's work for parsed `args`: 0, or 2 after printing a usage error."""
-    from jaxtune import inference
-
     adapter = args.workdir or args.adapter
-    run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text()) \
-        if args.workdir and (pathlib.Path(args.workdir) / "config.json").exists() else {}
-    task = args.task or run_config.get("train", {}).get("task") or None
+    run = workdir_lib.read_run_config(args.workdir) \
+        if args.workdir and (pathlib.Path(args.workdir) / workdir_lib.RUN_CONFIG).exists() else None
+    task = args.task or (run.train.task if run is not None else None) or None
     if task is None and not args.eval_file:
         print("error: give --task=NAME or --eval_file=JSONL", file=sys.stderr)
         return 2
     if task:
         tasks.get(task)
-    loaded = inference.load_with_info(args.model, adapter, args.dtype, args.step)
+    loaded = load_with_info(args.model, adapter, args.dtype, args.step)
     settings = Settings(split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                         general_prompts=args.general_prompts, general_questions=args.general_questions,
-                        max_len=args.max_len or int(run_config.get("data", {}).get("max_len", 512)))
+                        max_len=args.max_len or (int(run.data.max_len) if run is not None else 512))
     reports = pathlib.Path(args.workdir) / "reports" if args.workdir else \
         (pathlib.Path(args.out).parent if args.out else None)
     if reports is None:
