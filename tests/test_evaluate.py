@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from jaxtune import api, evaluate, export, generate, inference, lora
+from jaxtune import api, evaluate, generate, hf, loading, lora
+from jaxtune import params as params_lib
+from jaxtune import peft as peft_io
 
 PROMPTS = ["Say hello.", "Name a fruit.", "Count to three.", "What is rain?"]
 QUESTIONS = [{"question": "What is the capital of France?", "answers": ["Paris"]},
@@ -41,7 +43,7 @@ def lively(params, seed=0):
 def model_folder(tiny_chat_model, tmp_path_factory):
     """tiny_chat_model (real SmolLM2 tokenizer and template) with lively random weights."""
     model = api.load(str(tiny_chat_model))
-    return export.save_merged_model(lively(model.params), model.cfg, tmp_path_factory.mktemp("lively") / "model",
+    return hf.save_merged_model(lively(model.params), model.cfg, tmp_path_factory.mktemp("lively") / "model",
                                     model.tokenizer, tiny_chat_model, "float32")
 
 
@@ -90,10 +92,10 @@ def test_drift_is_zero_against_itself_and_grows_when_params_change(chat_model):
     assert same["finetuned_loss"] == pytest.approx(same["base_loss"], abs=1e-6)
 
     cfg = chat_model.cfg.replace(lora=LORA)
-    zero = lora.merge_trees(chat_model.params, zero_adapters(cfg))
+    zero = params_lib.merge_trees(chat_model.params, zero_adapters(cfg))
     assert evaluate.drift(chat_model, chat_model.params, zero, LORA, PROMPTS, answers,
                           settings)["delta"] == pytest.approx(0.0, abs=1e-5)
-    changed = lora.merge_trees(chat_model.params, noisy_adapters(cfg))
+    changed = params_lib.merge_trees(chat_model.params, noisy_adapters(cfg))
     moved = evaluate.drift(chat_model, chat_model.params, changed, LORA, PROMPTS, answers, settings)
     assert moved["base_loss"] == pytest.approx(same["base_loss"], abs=1e-6)
     assert moved["delta"] > 0.1
@@ -117,7 +119,7 @@ def peft_dirs(model_folder, chat_model, tmp_path_factory):
     """{'noisy': PEFT folder with random adapters, 'zero': PEFT folder with zero adapters}."""
     cfg = chat_model.cfg.replace(lora=LORA)
     root = tmp_path_factory.mktemp("adapters")
-    return {name: export.save_peft_adapter(adapters, cfg, root / name, str(model_folder))
+    return {name: peft_io.save_peft_adapter(adapters, cfg, root / name, str(model_folder))
             for name, adapters in (("noisy", noisy_adapters(cfg)), ("zero", zero_adapters(cfg)))}
 
 
@@ -167,19 +169,19 @@ def test_load_for_inference_from_run_workdirs(model_folder, chat_model, tmp_path
     cfg = chat_model.cfg.replace(lora=LORA)
     adapters = noisy_adapters(cfg, seed=3)
     run = fake_run(tmp_path / "lora_run", model_folder, LORA, adapters)
-    model, params, lora_cfg = inference.load_for_inference(None, run)
+    model, params, lora_cfg = loading.load_for_inference(None, run)
     assert lora_cfg == LORA and model.cfg.lora is None
-    assert leaves_equal(params, lora.merge_trees(chat_model.params, adapters))
+    assert leaves_equal(params, params_lib.merge_trees(chat_model.params, adapters))
     assert leaves_equal(model.params, chat_model.params)
 
     full = jax.tree_util.tree_map(lambda x: x + 0.01, chat_model.params)
     run = fake_run(tmp_path / "full_run", model_folder, None, full)
-    model, params, lora_cfg = inference.load_for_inference(None, run)
+    model, params, lora_cfg = loading.load_for_inference(None, run)
     assert lora_cfg is None and leaves_equal(params, full)  # the run's params replace the base
     assert leaves_equal(model.params, chat_model.params)
 
-    with pytest.raises(inference.InferenceError, match="neither a jaxtune workdir"):
-        inference.load_for_inference(None, tmp_path)
+    with pytest.raises(loading.InferenceError, match="neither a jaxtune workdir"):
+        loading.load_for_inference(None, tmp_path)
 
 
 def small_general_files(tmp_path):

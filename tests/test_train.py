@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_chat_jsonl
-from jaxtune import api, checkpoint, lora, train
+from jaxtune import api, checkpoint, train
+from jaxtune import params as params_lib
 
 # The shared 24-step run compiles a sharded step for the 8 simulated devices: minutes on a busy 2-core box.
 pytestmark = pytest.mark.slow
@@ -111,7 +112,7 @@ TOKENS = np.array([[1, 9, 120, 4000, 3, 49151, 17, 2], [7, 7, 1, 254, 30000, 64,
 @pytest.fixture(scope="module")
 def run_logits(lora_run, tiny_chat_model):
     model = api.load(str(tiny_chat_model), with_tokenizer=False)
-    ours = api.logits(model, TOKENS, params=lora.merge_trees(model.params, lora_run.params), lora=lora_run.cfg.lora)
+    ours = api.logits(model, TOKENS, params=params_lib.merge_trees(model.params, lora_run.params), lora=lora_run.cfg.lora)
     assert np.abs(ours - api.logits(model, TOKENS)).max() > 1e-2  # the trained adapters matter
     return ours
 
