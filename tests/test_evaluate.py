@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_jsonl
+from conftest import leaves_equal, random_adapters, write_jsonl, write_run
 from jaxtune import api, evaluate, generate, hf, loading, lora
 from jaxtune import params as params_lib
 from jaxtune import peft as peft_io
@@ -17,12 +17,8 @@ QUESTIONS = [{"question": "What is the capital of France?", "answers": ["Paris"]
              {"question": "What is 2 + 2?", "answers": ["4", "four"]}]
 
 
-def noisy_adapters(cfg, seed=0, scale=0.5):
-    """Adapters of cfg.lora with every leaf random (fresh lora_b is zero, which would change nothing)."""
-    leaves, treedef = jax.tree_util.tree_flatten(lora.adapter_shapes(cfg))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
-                                                  for k, x in zip(keys, leaves)])
+def noisy_adapters(cfg, seed=0):
+    return random_adapters(cfg, seed, scale=0.5)
 
 
 def zero_adapters(cfg):
@@ -139,30 +135,9 @@ def test_generate_with_a_peft_adapter(model_folder, peft_dirs, capsys):
 
 
 def fake_run(workdir, model_folder, lora_cfg, params, step=7):
-    """A workdir as jaxtune.train leaves it: config.json + one orbax checkpoint of `params`."""
-    import optax
-
-    from jaxtune import checkpoint
-
-    workdir.mkdir()
-    lo = {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": "all", "rslora": False}
-    if lora_cfg is not None:
-        lo = {"enabled": True, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "dropout": 0.0,
-              "targets": ",".join(lora_cfg.targets), "rslora": lora_cfg.rslora}
-    config = {"model": {"path": str(model_folder), "revision": "", "allow_pickle": False}, "lora": lo,
-              "data": {"add_tokens": "", "max_len": 256}, "train": {"task": "arithmetic"}}
-    (workdir / "config.json").write_text(json.dumps(config))
-    tx = optax.sgd(1e-3)
-    with checkpoint.Checkpointer(workdir, every=1, keep=2, async_save=False) as saver:
-        state = {"step": np.int32(step), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(0)}
-        saver.save(step, state, {"step": step}, metrics={"eval_loss": 1.0})
-    return workdir
-
-
-def leaves_equal(a, b):
-    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    return [p for p, _ in flat_a] == [p for p, _ in flat_b] and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(flat_a, flat_b))
+    """A run with one checkpoint of `params` at `step`, whose config names a task and a max_len."""
+    return write_run(workdir, model_folder, lora_cfg, {step: (params, 1.0)},
+                     {"data": {"max_len": 256}, "train": {"task": "arithmetic"}})
 
 
 def test_load_for_inference_from_run_workdirs(model_folder, chat_model, tmp_path):

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import random_adapters, write_run
 from jaxtune import api, export, hf, lora
 from jaxtune import params as params_lib
 from jaxtune import peft as peft_io
@@ -21,15 +22,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOKENS = np.array([[5, 9, 12, 200, 3, 255, 17, 0], [7, 7, 1, 254, 128, 64, 33, 2]], np.int32)
-
-
-def random_adapters(cfg, seed=0, scale=0.05):
-    """Adapters of cfg.lora with every leaf random and non-zero (fresh b / embedding a are zeros)."""
-    shapes = lora.adapter_shapes(cfg)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
-                                                  for k, x in zip(keys, leaves)])
 
 
 def torch_logits(model, tokens=TOKENS):
@@ -328,35 +320,13 @@ def with_tokenizer(folder, out):
     return out
 
 
-def fake_run(workdir, model_folder, lora_cfg, checkpoints):
-    """A workdir as jaxtune.train leaves it: config.json and orbax checkpoints of {step: (params, eval_loss)}."""
-    import optax
-
-    from jaxtune import checkpoint
-
-    workdir.mkdir()
-    run_config = {"model": {"path": str(model_folder), "revision": "", "dtype": "float32", "allow_pickle": False},
-                  "lora": {"enabled": lora_cfg is not None, "rank": 4, "alpha": 8.0, "dropout": 0.05,
-                           "targets": ",".join(lora_cfg.targets) if lora_cfg else "all", "rslora": bool(
-                               lora_cfg and lora_cfg.rslora), "init_from": ""},
-                  "data": {"add_tokens": ""}}
-    if lora_cfg is not None:
-        run_config["lora"].update(rank=lora_cfg.rank, alpha=lora_cfg.alpha)
-    (workdir / "config.json").write_text(json.dumps(run_config))
-    tx = optax.adam(1e-3)
-    with checkpoint.Checkpointer(workdir, every=1, keep=5, async_save=False) as saver:
-        for step, (params, eval_loss) in checkpoints.items():
-            state = {"step": np.int32(step), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(0)}
-            saver.save(step, state, {"step": step}, metrics={"eval_loss": eval_loss})
-
-
 def test_cli_exports_a_lora_run_as_peft_and_merged(tiny_models, tmp_path):
     folder = with_tokenizer(tiny_models("smollm2")[0], tmp_path / "base")
     model = api.load(str(folder), with_tokenizer=False)
     lora_cfg = lora.lora_config(4, 8.0, 0.05, "all", rslora=True)
     cfg = model.cfg.replace(lora=lora_cfg)
     best, last = random_adapters(cfg, seed=1), random_adapters(cfg, seed=2)
-    fake_run(tmp_path / "run", folder, lora_cfg, {10: (best, 1.5), 20: (last, 2.5)})
+    write_run(tmp_path / "run", folder, lora_cfg, {10: (best, 1.5), 20: (last, 2.5)})
 
     assert export.main(["--workdir", str(tmp_path / "run"), "--format=peft", "--step=best"]) == 0
     adapter_dir = tmp_path / "run" / "exports" / "peft-step10"
@@ -387,7 +357,7 @@ def test_peft_export_of_a_run_without_new_tokens_leaves_the_base_embedding_out(t
     lora_cfg = lora.lora_config(4, 8.0, 0.0, "all", rslora=False)
     cfg = model.cfg.replace(lora=lora_cfg)
     adapters = random_adapters(cfg, seed=6)
-    fake_run(tmp_path / "run", folder, lora_cfg, {4: (adapters, 1.0)})
+    write_run(tmp_path / "run", folder, lora_cfg, {4: (adapters, 1.0)})
     ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
 
     lean = export.export_run(tmp_path / "run", "peft")
@@ -418,7 +388,7 @@ def test_peft_export_writes_new_token_rows_when_the_table_kept_its_size(tiny_mod
     embedding[-2:] = 0.5 * np.random.default_rng(2).standard_normal((2, model.cfg.hidden_size))  # trained rows
     adapters = random_adapters(cfg, seed=8)
     trained = params_lib.merge_trees(adapters, {"model": {"embed_tokens": {"embedding": embedding}}})
-    fake_run(tmp_path / "run", folder, lora_cfg, {2: (trained, 1.0)})
+    write_run(tmp_path / "run", folder, lora_cfg, {2: (trained, 1.0)})
     run_config = json.loads((tmp_path / "run" / "config.json").read_text())
     run_config["data"]["add_tokens"] = "<tool>,</tool>"
     (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
@@ -444,7 +414,7 @@ def test_cli_exports_a_full_finetuning_run_merged_and_refuses_peft(tiny_models, 
     keys = jax.random.split(jax.random.key(4), len(leaves))
     trained = jax.tree_util.tree_unflatten(treedef, [x + 0.01 * jax.random.normal(k, x.shape)
                                                      for k, x in zip(keys, leaves)])
-    fake_run(tmp_path / "run", folder, None, {5: (trained, 1.0)})
+    write_run(tmp_path / "run", folder, None, {5: (trained, 1.0)})
 
     assert export.main([f"--workdir={tmp_path / 'run'}", "--format=peft"]) == 2
     assert "full fine-tuning run" in caplog.text and "--format=merged" in caplog.text
@@ -464,7 +434,7 @@ def test_cli_exports_a_run_that_extended_the_vocabulary(tiny_models, tmp_path):
     new_rows = 0.02 * np.random.default_rng(1).standard_normal((2, model.cfg.hidden_size), np.float32)
     embedding = np.concatenate([np.asarray(model.params["model"]["embed_tokens"]["embedding"]), new_rows])
     trained = params_lib.merge_trees(random_adapters(cfg, seed=9), {"model": {"embed_tokens": {"embedding": embedding}}})
-    fake_run(tmp_path / "run", folder, lora_cfg, {3: (trained, 1.0)})
+    write_run(tmp_path / "run", folder, lora_cfg, {3: (trained, 1.0)})
     run_config = json.loads((tmp_path / "run" / "config.json").read_text())
     run_config["data"]["add_tokens"] = "<tool>,</tool>"
     (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
