@@ -3,10 +3,10 @@
 The top of the package: `load` / `LoadedModel` / `load_tokenizer` come from jaxtune.loading,
 `generate_text` from jaxtune.generate; `logits` (and its padding helpers) live here.
 
-    import jaxtune
-    model = jaxtune.load("smollm2-135m-instruct")            # or an HF folder / hub id
-    logits_BxTxV = jaxtune.logits(model, [[1, 2, 3], [4, 5]])   # ragged rows are right-padded
-    print(jaxtune.generate_text(model, ["What is the capital of France?"], max_new_tokens=32))
+    from jaxtune import api
+    model = api.load("smollm2-135m-instruct")            # or an HF folder / hub id
+    logits_BxTxV = api.logits(model, [[1, 2, 3], [4, 5]])   # ragged rows are right-padded
+    print(api.generate_text(model, ["What is the capital of France?"], max_new_tokens=32))
 """
 
 from __future__ import annotations

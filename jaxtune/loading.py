@@ -1,7 +1,7 @@
 """Loading a model to run: a base model (`load`), plus a run's checkpoint or a PEFT adapter.
 
 This module owns `LoadedModel` and `load` (alias, HF folder or hub id -> config, params, tokenizer;
-`jaxtune.load` / `jaxtune.api.load`), and `load_for_inference`, shared by
+re-exported as `jaxtune.api.load`), and `load_for_inference`, shared by
 `python -m jaxtune.generate --adapter=DIR` and `python -m jaxtune.evaluate`:
 
     from jaxtune import generate, loading
