@@ -174,7 +174,7 @@ def test_optimizer_state_follows_params_and_memory_report(tiny_models):
     by_path = flat(train_shardings)
     mirrored = 0
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        param_path = sharding._trailing_dict_path(key_path)
+        param_path = params_lib.trailing_dict_path(key_path)
         if leaf.ndim == 0:
             assert leaf.sharding.is_fully_replicated, key_path
         else:
