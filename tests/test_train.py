@@ -64,15 +64,15 @@ def test_loss_falls_on_a_small_real_task(lora_run):
 def test_lora_leaves_the_frozen_base_bit_identical(lora_run, tiny_chat_model):
     base = api.load(str(tiny_chat_model), with_tokenizer=False).params
     frozen = jax.tree_util.tree_flatten_with_path(lora_run.frozen)[0]
-    base_flat = dict((checkpoint._leaf_path(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(base)[0])
-    assert {checkpoint._leaf_path(kp) for kp, _ in frozen} == set(base_flat)
+    base_flat = dict((params_lib.path_str(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(base)[0])
+    assert {params_lib.path_str(kp) for kp, _ in frozen} == set(base_flat)
     for kp, leaf in frozen:
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(base_flat[checkpoint._leaf_path(kp)]))
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(base_flat[params_lib.path_str(kp)]))
     trained = jax.tree_util.tree_flatten_with_path(lora_run.params)[0]
-    assert trained and all(checkpoint._leaf_path(kp).rsplit("/", 1)[-1] in ("lora_a", "lora_b") for kp, _ in trained)
+    assert trained and all(params_lib.path_str(kp).rsplit("/", 1)[-1] in ("lora_a", "lora_b") for kp, _ in trained)
     # ... and the adapters did train: every lora_b left its zero init.
     assert all(np.abs(np.asarray(leaf)).max() > 0 for kp, leaf in trained
-               if checkpoint._leaf_path(kp).endswith("lora_b") and "embed_tokens" not in checkpoint._leaf_path(kp))
+               if params_lib.path_str(kp).endswith("lora_b") and "embed_tokens" not in params_lib.path_str(kp))
 
 
 def test_workdir_holds_metrics_tensorboard_summary_config_and_checkpoints(lora_run):
