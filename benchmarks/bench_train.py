@@ -109,6 +109,7 @@ def run_jaxtune(args, mode: str) -> dict:
     import optax
 
     from jaxtune import hf, lora, optim, step
+    from jaxtune import params as params_lib
     from jaxtune.config import base_config
 
     full = mode == "full"
@@ -118,7 +119,7 @@ def run_jaxtune(args, mode: str) -> dict:
     t0 = time.perf_counter()
     params = hf.load_params(folder, cfg)
     if not full:
-        params = lora.merge_trees(params, lora.init_adapters(cfg, jax.random.key(1)))
+        params = params_lib.merge_trees(params, lora.init_adapters(cfg, jax.random.key(1)))
     trainable, frozen = lora.split_trainable(params, full_finetune=full)
     del params
     optim_cfg = base_config().optim
@@ -137,8 +138,8 @@ def run_jaxtune(args, mode: str) -> dict:
     jax.block_until_ready((state, frozen, batch))
     load_s = time.perf_counter() - t0
     out = {"load_s": load_s, "load_rss_mib": current_rss_mib(),
-           "trainable_params": lora.count_params(state["params"]),
-           "total_params": lora.count_params(state["params"]) + lora.count_params(frozen)}
+           "trainable_params": params_lib.count_params(state["params"]),
+           "total_params": params_lib.count_params(state["params"]) + params_lib.count_params(frozen)}
 
     train_step = jax.jit(functools.partial(step.train_step, cfg=cfg, tx=tx, grad_accum=1), donate_argnums=0)
     t0 = time.perf_counter()
@@ -178,7 +179,7 @@ def jaxtune_breakdown(args, cfg, trainable, frozen, batch, full: bool) -> dict:
     import optax
 
     from jaxtune import step
-    from jaxtune.lora import merge_trees
+    from jaxtune.params import merge_trees
     from jaxtune.models.llama import Llama
 
     rng = jax.random.key(0)

@@ -1,62 +1,28 @@
 """One-call Python API for notebooks and tests: load a model, compute logits, generate.
 
-    import jaxtune
-    model = jaxtune.load("smollm2-135m-instruct")            # or an HF folder / hub id
-    logits_BxTxV = jaxtune.logits(model, [[1, 2, 3], [4, 5]])   # ragged rows are right-padded
-    print(jaxtune.generate_text(model, ["What is the capital of France?"], max_new_tokens=32))
+The top of the package: `load` / `LoadedModel` / `load_tokenizer` come from jaxtune.loading,
+`generate_text` from jaxtune.generate; `logits` (and its padding helpers) live here.
+
+    from jaxtune import api
+    model = api.load("smollm2-135m-instruct")            # or an HF folder / hub id
+    logits_BxTxV = api.logits(model, [[1, 2, 3], [4, 5]])   # ragged rows are right-padded
+    print(api.generate_text(model, ["What is the capital of France?"], max_new_tokens=32))
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import hf
-from jaxtune.models.llama import Llama, LoRAConfig, ModelConfig
-from jaxtune.generate import generate_text  # noqa: F401  (re-exported: jaxtune.api.generate_text)
+from jaxtune.generate import generate_text
+from jaxtune.loading import LoadedModel, load, load_tokenizer
+from jaxtune.models.llama import Llama, LoRAConfig
 
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A model ready to run: its config, params (nested dict), tokenizer and source folder."""
-
-    cfg: ModelConfig
-    params: dict
-    tokenizer: Any
-    folder: pathlib.Path
-
-    @property
-    def module(self) -> Llama:
-        return Llama(self.cfg)
-
-
-def load_tokenizer(folder: str | pathlib.Path):
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-
-
-def load(
-    path: str,
-    param_dtype: str = "float32",
-    compute_dtype: str = "float32",
-    allow_pickle: bool = False,
-    revision: str | None = None,
-    with_tokenizer: bool = True,
-) -> LoadedModel:
-    """Resolve `path` (alias, HF folder or hub id), read its config and weights, and its tokenizer."""
-    folder = hf.resolve_model_dir(path, revision)
-    cfg = hf.model_config_from_hf(folder, param_dtype=param_dtype, compute_dtype=compute_dtype)
-    params = hf.load_params(folder, cfg, allow_pickle=allow_pickle)
-    tokenizer = load_tokenizer(folder) if with_tokenizer else None
-    return LoadedModel(cfg, params, tokenizer, folder)
+__all__ = ["LoadedModel", "generate_text", "load", "load_tokenizer", "logits", "pad_rows", "positions_from_mask"]
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int = 0, left: bool = False) -> tuple[np.ndarray, np.ndarray]:

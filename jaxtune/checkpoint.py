@@ -69,8 +69,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from jaxtune.errors import JaxtuneError
+from jaxtune.params import path_str
 
-log = logging.getLogger("jaxtune.checkpoint")
+log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
@@ -129,14 +130,10 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def _leaf_path(key_path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
-
-
 def param_shapes(params) -> dict[str, list]:
     """{'model/layers/self_attn/q_proj/lora_a': [[3, 64, 8], 'float32'], ...} of arrays or ShapeDtypeStructs."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {_leaf_path(kp): [list(leaf.shape), str(np.dtype(leaf.dtype))] for kp, leaf in flat}
+    return {path_str(kp): [list(leaf.shape), str(np.dtype(leaf.dtype))] for kp, leaf in flat}
 
 
 def _model_path_id(model_path: str) -> str:
@@ -281,7 +278,7 @@ def state_checksums(stored_state) -> dict[str, int]:
     """{leaf path: checksum} of a state as stored (keys as key data); equal on any mesh or device count."""
     flat = jax.tree_util.tree_flatten_with_path(stored_state)[0]
     sums = _checksums_on_device([leaf for _, leaf in flat])
-    return {_leaf_path(kp): int(np.asarray(value)) for (kp, _), value in zip(flat, sums)}
+    return {path_str(kp): int(np.asarray(value)) for (kp, _), value in zip(flat, sums)}
 
 
 def checksum_mismatches(expected: dict, actual: dict) -> list[str]:
@@ -358,17 +355,34 @@ def step_dirs(directory: pathlib.Path) -> dict[int, pathlib.Path]:
     return {int(p.name): p for p in directory.iterdir() if p.is_dir() and STEP_DIR_NAME.match(p.name)}
 
 
+def metrics_file(step_path: pathlib.Path) -> pathlib.Path:
+    """Orbax's per-step metrics item of one checkpoint step folder (N/metrics/metrics)."""
+    return step_path / "metrics" / "metrics"
+
+
 def steps_with_unreadable_metrics(directory: pathlib.Path) -> dict[int, str]:
     """step -> error for committed checkpoints whose metrics JSON does not parse (orbax cannot open those)."""
     unreadable = {}
     for step, path in step_dirs(directory).items():
-        metrics_file = path / "metrics" / "metrics"
-        if metrics_file.is_file():
+        if metrics_file(path).is_file():
             try:
-                json.loads(metrics_file.read_text())
+                json.loads(metrics_file(path).read_text())
             except (ValueError, UnicodeDecodeError) as error:
                 unreadable[step] = f"{type(error).__name__}: {error}"
     return unreadable
+
+
+def eval_losses(directory: pathlib.Path) -> dict[int, float]:
+    """step -> eval loss of every committed checkpoint evaluated at its step (finite losses only)."""
+    losses = {}
+    for step, path in step_dirs(directory).items():
+        try:
+            loss = metric_for_best(json.loads(metrics_file(path).read_text()))
+        except (OSError, ValueError):
+            continue  # not evaluated at this step (or its metrics are unreadable)
+        if math.isfinite(loss):
+            losses[step] = loss
+    return losses
 
 
 def set_aside(directory: pathlib.Path, step: int) -> pathlib.Path:

@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune import lora as lora_lib
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import DTYPES, REMAT_POLICIES
 
@@ -112,11 +113,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    config.lock()
-    return config
-
-
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in (config.items() if hasattr(config, "items") else []):
@@ -173,7 +169,8 @@ def resolve_auto(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.data.eval = resolve_eval(config.data.eval, config.data.train)
     resolved.train.task = resolve_task(config.train.task, config.data.train)
-    return lock(resolved)
+    resolved.lock()
+    return resolved
 
 
 def _task_names(spec: str) -> list[str]:
@@ -219,8 +216,6 @@ def parse_mesh_shape(shape: Any) -> tuple[int, int, int]:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise one ConfigError listing every problem of `config` (values and combinations)."""
-    from jaxtune import lora as lora_lib
-
     check_known_keys(config)
     problems: list[str] = []
 

@@ -51,11 +51,12 @@ from jaxtune import data as data_lib
 from jaxtune import generate as generate_lib
 from jaxtune import step as step_lib
 from jaxtune import tasks
-from jaxtune.api import LoadedModel
+from jaxtune import workdir as workdir_lib
+from jaxtune.loading import LoadedModel, load_with_info
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import LoRAConfig
 
-log = logging.getLogger("jaxtune.evaluate")
+log = logging.getLogger(__name__)
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "evaluate_data"
 GENERAL_PROMPTS = DATA_DIR / "general_prompts.jsonl"
@@ -477,24 +478,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """The command line's work for parsed `args`: 0, or 2 after printing a usage error."""
-    from jaxtune import inference
-
     adapter = args.workdir or args.adapter
-    run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text()) \
-        if args.workdir and (pathlib.Path(args.workdir) / "config.json").exists() else {}
-    run_data, run_train = run_config.get("data", {}), run_config.get("train", {})
-    task = args.task or config_lib.resolve_task(run_train.get("task", ""), run_data.get("train", "")) or None
-    eval_file = args.eval_file or (None if task else
-                                   config_lib.resolve_eval(run_data.get("eval", ""), run_data.get("train", "")) or None)
+    run = workdir_lib.read_run_config(args.workdir) \
+        if args.workdir and (pathlib.Path(args.workdir) / workdir_lib.RUN_CONFIG).exists() else None
+    if run is None:
+        task, eval_file = args.task or None, args.eval_file
+    else:
+        task = args.task or config_lib.resolve_task(run.train.task, run.data.train) or None
+        eval_file = args.eval_file or (None if task else config_lib.resolve_eval(run.data.eval, run.data.train) or None)
     if task is None and not eval_file:
         print("error: give --task=NAME or --eval_file=JSONL (the run has no task and no eval set)", file=sys.stderr)
         return 2
     settings = Settings(split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                         general_prompts=args.general_prompts, general_questions=args.general_questions,
-                        max_len=args.max_len or int(run_data.get("max_len", 512)),
-                        template=args.template or run_data.get("template", "auto"),
-                        mask_prompt=bool(run_data.get("mask_prompt", True)))
+                        max_len=args.max_len or (int(run.data.max_len) if run is not None else 512),
+                        template=args.template or (run.data.template if run is not None else "auto"),
+                        mask_prompt=bool(run.data.mask_prompt) if run is not None else True)
     reports = pathlib.Path(args.workdir) / "reports" if args.workdir else \
         (pathlib.Path(args.out).parent if args.out else None)
     if reports is None:
@@ -502,7 +502,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     if task:
         tasks.get(task)
-    loaded = inference.load_with_info(args.model, adapter, args.dtype, args.step)
+    loaded = load_with_info(args.model, adapter, args.dtype, args.step)
     evaluate_run(loaded["model"], loaded["params"], loaded["lora"], task=task, compare=adapter is not None,
                  eval_file=eval_file, settings=settings, reports_dir=reports, model_path=loaded["model_path"],
                  out=args.out, extra={"adapter": str(adapter) if adapter else None,

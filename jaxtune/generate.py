@@ -56,6 +56,8 @@ import numpy as np
 
 import jaxtune
 from jaxtune.errors import JaxtuneError
+from jaxtune.loading import load_for_inference
+from jaxtune.smollm2 import default_cache_dir
 from jaxtune.models.llama import Llama, LoRAConfig, ModelConfig, init_cache, unstack_cache, unstack_layers
 
 MIN_BUCKET = 32
@@ -260,7 +262,7 @@ def generate(
 ) -> list[list[int]]:
     """Complete each prompt (token ids) -> new token ids per row, without the prompt and without EOS.
 
-    model: an `api.LoadedModel`. eos_ids: None = the model's defaults (`default_eos_ids`), [] = never
+    model: a `loading.LoadedModel`. eos_ids: None = the model's defaults (`default_eos_ids`), [] = never
     stop early. params/lora: override the model's params (e.g. base + adapters) and LoRA settings."""
     if not prompts:
         return []
@@ -339,18 +341,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def enable_compilation_cache() -> None:
     """Keep compiled programs across CLI runs in <jaxtune cache>/xla: a repeat run of the same shapes
     skips the ~10 s compile of the unrolled decode loop (measured on the 135M model, 2 CPU cores)."""
-    from jaxtune.smollm2 import default_cache_dir
-
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from jaxtune import inference
-
     jaxtune.setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        model, params, lora = inference.load_for_inference(args.model, args.adapter, args.dtype)
+        model, params, lora = load_for_inference(args.model, args.adapter, args.dtype)
     except JaxtuneError as e:  # the user can fix it: one message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,4 @@
-"""Hugging Face interop: model resolution, config.json -> ModelConfig, safetensors <-> param tree.
+"""Hugging Face model folders in and out: resolution, config.json -> ModelConfig, safetensors <-> param tree.
 
 What it owns:
   * `resolve_model_dir(path)`: a built-in alias (`smollm2-135m-instruct`), a local HF folder, or a
@@ -8,30 +8,52 @@ What it owns:
   * `load_params(folder, cfg)`: weights read tensor by tensor (memory-mapped), transposed into
     our [in, out] kernels, stacked over layers, cast to the param dtype and checked: missing,
     unexpected or wrongly shaped tensors give one `WeightsError` listing them all.
-  * `hf_tensor_items(params, cfg)`: the inverse table, for merged exports.
-Pickled `.bin` weights are refused unless `allow_pickle=True`.
+  * `load_tokenizer(folder)`: the folder's tokenizer (also used for a run's saved tokenizer).
+  * `hf_tensor_items(params, cfg)`: the inverse table; `save_merged_model(params, cfg, out_dir, ...)`:
+    adapters folded into the base weights (float32 sums), cast to one dtype, written as an HF folder
+    (config.json, sharded safetensors, tokenizer, generation_config.json) that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads, through `staging_dir` (a failed write
+    leaves any earlier folder untouched; shared with jaxtune.peft).
+Pickled `.bin` weights are refused unless `allow_pickle=True`. Reading and writing share the one
+name table (`param_path` / `hf_name_of`), which is why both live here.
+
+A tied model with an embed_tokens or lm_head adapter cannot stay tied once merged: in training (and
+in peft) the input embedding is E + dE while the head is the base E (+ dH^T of its own adapter), and
+one shared matrix holds only one of them. The merged export unties it (lm_head.weight written,
+tie_word_embeddings false), whichever of the two carries the adapter. peft's own merge_and_unload
+keeps the tie and gets the logits wrong there (peft issue #2777).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
 import re
+import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 
 import jaxtune
+from jaxtune import lora, smollm2
+from jaxtune import params as params_lib
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.llama import DTYPES, ModelConfig
+from jaxtune.models.llama import DTYPES, ModelConfig, abstract_params
 
-log = logging.getLogger("jaxtune")
+log = logging.getLogger(__name__)
 
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 BUILT_IN_ALIASES = ("smollm2-135m-instruct",)  # materialised by jaxtune.smollm2
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -55,6 +77,11 @@ class ModelError(JaxtuneError, ValueError):
     """A model that cannot be resolved or is not supported."""
 
 
+class ExportError(JaxtuneError, ValueError):
+    """An export or import (HF folder, PEFT adapter, training run) that cannot be done; the message
+    says which file / key and why. Raised by hf, peft, workdir and export alike."""
+
+
 # --------------------------------------------------------------------------------------------
 # Resolution
 
@@ -62,8 +89,6 @@ class ModelError(JaxtuneError, ValueError):
 def resolve_model_dir(path: str, revision: str | None = None) -> pathlib.Path:
     """Alias, local folder or hub id -> a local folder holding config.json and weights."""
     if path in BUILT_IN_ALIASES:
-        from jaxtune import smollm2
-
         return smollm2.materialize(path)
     local = pathlib.Path(path).expanduser()
     if local.is_dir():
@@ -241,13 +266,7 @@ def param_path(hf_name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
 
 def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Base (non-LoRA) param path -> shape, from the model definition itself."""
-    import jax
-
-    from jaxtune.models.llama import abstract_params
-
-    base_cfg = cfg.replace(lora=None)
-    flat = jax.tree_util.tree_flatten_with_path(abstract_params(base_cfg))[0]
-    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+    return params_lib.shapes(abstract_params(cfg.replace(lora=None)))
 
 
 def load_params(
@@ -261,8 +280,6 @@ def load_params(
     `place(path, array)` puts each finished leaf on devices (default: jnp.asarray on the default
     device); the sharding module passes one that puts each leaf straight into its sharding.
     """
-    import jax.numpy as jnp
-
     folder = pathlib.Path(folder)
     place = place or (lambda path, array: jnp.asarray(array))
     param_dtype = np.dtype(DTYPES[cfg.param_dtype])
@@ -307,20 +324,11 @@ def load_params(
         absent = [i for i in range(cfg.num_layers) if i not in layers_seen.get(path, ()) and (path, i) not in reported]
         if absent:
             missing.append(f"{hf_name_of(path)} for layers {absent}")
-    if missing or unexpected or wrong_shape:
-        lines = [f"weights in {folder} do not match the {cfg.architecture} config:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        lines.append("Is config.json from the same checkpoint as the weights?")
-        raise WeightsError("\n".join(lines))
-
+    params_lib.raise_mismatch(WeightsError, f"weights in {folder} do not match the {cfg.architecture} config",
+                              missing, unexpected, wrong_shape, hint="Is config.json from the same checkpoint as the weights?")
     params: dict = {}
     for path, array in buffers.items():
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = place(path, array)
+        params_lib.set_leaf(params, path, place(path, array))
     return params
 
 
@@ -339,10 +347,7 @@ def hf_name_of(path: tuple[str, ...], layer: int | None = None) -> str:
 
 def hf_tensor_items(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Base params (no LoRA leaves) -> (HF name, array in HF layout), one layer slice at a time."""
-    import jax
-
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = tuple(k.key for k in key_path)
+    for path, leaf in params_lib.flat(params).items():
         if path[-1] in ("lora_a", "lora_b"):
             raise ValueError(f"merge LoRA into the base before exporting HF tensors (found {path})")
         array = np.asarray(leaf)
@@ -353,3 +358,158 @@ def hf_tensor_items(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
         else:
             yield hf_name_of(path), np.ascontiguousarray(array.T if transpose else array)
 
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer of an HF folder (transformers' AutoTokenizer, never remote code)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def base_embedding_layers(folder: pathlib.Path, cfg: ModelConfig) -> dict:
+    """Only the embedding (and untied head) of the base model, read from its safetensors."""
+    wanted = {"model.embed_tokens.weight": ("model", "embed_tokens", "embedding")}
+    if not cfg.tie_word_embeddings:
+        wanted["lm_head.weight"] = ("lm_head", "kernel")
+    subtree: dict = {}
+    for name, tensor in read_hf_tensors(folder):
+        if name in wanted:
+            params_lib.set_leaf(subtree, wanted[name], np.asarray(tensor.T if name == "lm_head.weight" else tensor, np.float32))
+    return subtree
+
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: a merged HF model folder
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[pathlib.Path]:
+    """Write into a fresh sibling folder and move it into place at the end: a failed export leaves
+    any earlier export at out_dir untouched. A non-empty out_dir is replaced only with overwrite."""
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite "
+                          f"(--overwrite) to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], file: pathlib.Path) -> None:
+    """Write one safetensors file with the metadata transformers expects ({"format": "pt"})."""
+    safetensors.numpy.save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def write_sharded_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out_dir: pathlib.Path,
+                              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write tensors into shards of at most max_shard_bytes (a bigger single tensor gets its own);
+    one shard is `model.safetensors`, several are `model-0000k-of-0000n.safetensors` plus
+    `model.safetensors.index.json`, as transformers' save_pretrained writes them. Returns file names."""
+    shard_maps: list[list[str]] = []
+    current: dict[str, np.ndarray] = {}
+    current_bytes = total_bytes = 0
+
+    def flush():
+        save_safetensors(current, out_dir / f"shard-{len(shard_maps)}.tmp")
+        shard_maps.append(list(current))
+        current.clear()
+
+    for name, tensor in tensors:
+        if current and current_bytes + tensor.nbytes > max_shard_bytes:
+            flush()
+            current_bytes = 0
+        current[name] = tensor
+        current_bytes += tensor.nbytes
+        total_bytes += tensor.nbytes
+    if current or not shard_maps:
+        flush()
+    count = len(shard_maps)
+    files = (["model.safetensors"] if count == 1
+             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+    for i, file in enumerate(files):
+        (out_dir / f"shard-{i}.tmp").rename(out_dir / file)
+    if count > 1:
+        index = {"metadata": {"total_size": total_bytes},
+                 "weight_map": {name: files[i] for i, names in enumerate(shard_maps) for name in sorted(names)}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def source_dtype(hf_config: dict[str, Any]) -> str:
+    """The dtype an HF config.json declares (transformers 5: `dtype`; older: `torch_dtype`); float32 if none."""
+    declared = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    return declared if declared in EXPORT_DTYPES else "float32"
+
+
+def merged_hf_config(source_config: dict[str, Any], merged_cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """The source config.json with what the export changed: tie_word_embeddings, vocab_size, dtype."""
+    config = dict(source_config)
+    config["tie_word_embeddings"] = merged_cfg.tie_word_embeddings
+    config["vocab_size"] = merged_cfg.vocab_size
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    return config
+
+
+def save_merged_model(
+    params: dict,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    source_folder: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Fold the adapters of `params` into the base weights (sums in float32) and write an HF model folder.
+
+    params: base params plus LoRA leaves (cfg.lora set), or full params (cfg.lora None).
+    source_folder: the base model's HF folder: its config.json is the template (tie_word_embeddings
+      false when a tied head had to be untied, dtype and vocab_size updated); its
+      generation_config.json is copied, and its tokenizer files when `tokenizer` is None.
+    dtype: float32 | bfloat16 | float16; default: the dtype the source config.json declares.
+    """
+    if source_folder is None:
+        raise ExportError("save_merged_model needs source_folder (the base model's HF folder, for config.json)")
+    source_folder = pathlib.Path(source_folder)
+    source_config = json.loads((source_folder / "config.json").read_text())
+    dtype = dtype or source_dtype(source_config)
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"dtype={dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    if pathlib.Path(out_dir).resolve() == source_folder.resolve():
+        raise ExportError(f"{out_dir} is the source model folder; export elsewhere")
+    merged, merged_cfg = lora.merge_adapters(params, cfg)
+    if cfg.tie_word_embeddings and not merged_cfg.tie_word_embeddings:
+        log.info("the tied model carries a vocabulary adapter (%s): the merged model is untied (lm_head.weight = "
+                 "the base embedding plus the head's own delta, tie_word_embeddings=false)",
+                 ",".join(t for t in cfg.lora.targets if t in lora.VOCABULARY_TARGETS))
+    out_dtype = EXPORT_DTYPES[dtype]
+    tensors = ((name, np.ascontiguousarray(array.astype(out_dtype, copy=False)))
+               for name, array in hf_tensor_items(merged, merged_cfg))
+    with staging_dir(out_dir, overwrite) as staging:
+        files = write_sharded_safetensors(tensors, staging, max_shard_bytes)
+        config = merged_hf_config(source_config, merged_cfg, dtype)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if (source_folder / "generation_config.json").exists():
+            shutil.copy2(source_folder / "generation_config.json", staging / "generation_config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        else:
+            for name in TOKENIZER_FILES:
+                if (source_folder / name).exists():
+                    shutil.copy2(source_folder / name, staging / name)
+    log.info("merged %s model -> %s: %s params in %s, %d file(s)%s", merged_cfg.architecture, out_dir,
+             f"{params_lib.count_params(merged):,}", dtype, len(files),
+             "" if cfg.lora is None else f" (LoRA r={cfg.lora.rank} on {','.join(cfg.lora.targets)} folded in)")
+    return pathlib.Path(out_dir)

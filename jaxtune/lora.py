@@ -15,13 +15,12 @@ only their new-token rows (`vocab.only_rows`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxtune import params as params_lib
 from jaxtune.models.llama import ALL_TARGETS, LINEAR_TARGETS, LoRAConfig, ModelConfig, abstract_params, lora_a_init
 
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -62,10 +61,6 @@ def lora_config(rank: int, alpha: float, dropout: float, targets, rslora: bool) 
                       targets=parse_targets(targets), rslora=bool(rslora))
 
 
-def path_of(key_path) -> Path:
-    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in key_path)
-
-
 def is_lora_path(path: Path) -> bool:
     return path[-1] in LORA_LEAVES
 
@@ -76,48 +71,14 @@ def is_trainable(path: Path, full_finetune: bool, train_embeddings: bool = False
     return full_finetune or is_lora_path(path) or (train_embeddings and tuple(path) in EMBEDDING_PATHS)
 
 
-def trainable_labels(params, full_finetune: bool, train_embeddings: bool = False):
-    """Tree of 'trainable' / 'frozen' labels for optax.multi_transform."""
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: "trainable" if is_trainable(path_of(kp), full_finetune, train_embeddings) else "frozen", params)
-
-
-def _filter(tree: dict, keep, prefix: Path = ()) -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            sub = _filter(value, keep, prefix + (key,))
-            if sub:
-                out[key] = sub
-        elif keep(prefix + (key,)):
-            out[key] = value
-    return out
-
-
 def split_trainable(params: dict, full_finetune: bool, train_embeddings: bool = False) -> tuple[dict, dict]:
-    """params -> (trainable subtree, frozen subtree); `merge_trees` puts them back together."""
-    trainable = _filter(params, lambda p: is_trainable(p, full_finetune, train_embeddings))
-    frozen = _filter(params, lambda p: not is_trainable(p, full_finetune, train_embeddings))
-    return trainable, frozen
-
-
-def merge_trees(*trees: dict) -> dict:
-    """Union of nested dicts with disjoint leaves."""
-    out: dict = {}
-    for tree in trees:
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out[key] = merge_trees(out.get(key, {}), value)
-            elif key in out:
-                raise ValueError(f"leaf {key!r} present in two trees")
-            else:
-                out[key] = value
-    return out
+    """params -> (trainable subtree, frozen subtree); `params.merge_trees` puts them back together."""
+    return params_lib.split(params, lambda path: is_trainable(path, full_finetune, train_embeddings))
 
 
 def adapter_shapes(cfg: ModelConfig) -> dict:
     """ShapeDtypeStruct tree of only the LoRA leaves of `cfg` (which must have cfg.lora set)."""
-    return _filter(abstract_params(cfg), is_lora_path)
+    return params_lib.filter_tree(abstract_params(cfg), is_lora_path)
 
 
 def init_adapters(cfg: ModelConfig, rng: jax.Array) -> dict:
@@ -138,7 +99,7 @@ def init_adapters(cfg: ModelConfig, rng: jax.Array) -> dict:
             return jax.random.normal(key, leaf.shape, leaf.dtype)
         return jnp.zeros(leaf.shape, leaf.dtype)
 
-    leaves = [init_leaf(path_of(kp), leaf, key) for (kp, leaf), key in zip(flat, keys)]
+    leaves = [init_leaf(params_lib.path_of(kp), leaf, key) for (kp, leaf), key in zip(flat, keys)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -169,7 +130,7 @@ def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     if cfg.lora is None:
         return params, cfg
     scaling = cfg.lora.scaling
-    base, adapters = split_trainable(params, full_finetune=False)[1], _filter(params, is_lora_path)
+    base, adapters = split_trainable(params, full_finetune=False)[1], params_lib.filter_tree(params, is_lora_path)
     merged = jax.tree_util.tree_map(lambda x: x, base)
     untie = merge_unties(cfg)
     if untie:  # taken before any fold: the head never sees the embedding's delta
@@ -189,6 +150,3 @@ def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     fold(merged, adapters)
     return merged, cfg.replace(lora=None, tie_word_embeddings=cfg.tie_word_embeddings and not untie)
 
-
-def count_params(tree: Any) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))

@@ -8,10 +8,12 @@ hand the optimizer only the trainable subtree, so for LoRA runs the 'frozen' gro
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 import optax
 
-from jaxtune.lora import is_trainable, path_of
+from jaxtune.lora import is_trainable
+from jaxtune.params import path_of
 
 
 def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -37,8 +39,6 @@ def param_group(path: tuple[str, ...], ndim_without_layers: int, full_finetune: 
 
 
 def labels(params, full_finetune: bool, train_embeddings: bool = False):
-    import jax
-
     def label(key_path, leaf):
         path = path_of(key_path)
         ndim = leaf.ndim - (1 if path[:2] == ("model", "layers") else 0)

@@ -45,7 +45,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune import lora
+from jaxtune import params as params_lib
 from jaxtune.errors import JaxtuneError
+from jaxtune.models.llama import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +176,12 @@ def logical_axes(path: Path, ndim: int) -> tuple[str | None, ...]:
     return axes
 
 
-def path_of(key_path) -> Path:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
-
-
 def logical_axes_tree(params) -> Any:
     """Tree of logical-axis tuples, one per leaf of `params` (arrays or ShapeDtypeStructs).
 
     The tuples are pytree nodes: flatten the result with `is_leaf=lambda x: isinstance(x, tuple)`.
     """
-    return jax.tree_util.tree_map_with_path(lambda kp, x: logical_axes(path_of(kp), len(x.shape)), params)
+    return jax.tree_util.tree_map_with_path(lambda kp, x: logical_axes(params_lib.path_of(kp), len(x.shape)), params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +298,7 @@ def param_shardings(params, mesh: Mesh, rules=None, *, strict: bool = False):
     notes: list[str] = []
 
     def sharding(key_path, leaf):
-        spec, leaf_notes = spec_for(path_of(key_path), leaf.shape, mesh, rule_map)
+        spec, leaf_notes = spec_for(params_lib.path_of(key_path), leaf.shape, mesh, rule_map)
         notes.extend(leaf_notes)
         return NamedSharding(mesh, spec)
 
@@ -362,24 +361,12 @@ def create_sharded(fn: Callable, out_shardings, *args, static_argnums: int | Seq
 
 def init_adapters_sharded(cfg, rng: jax.Array, mesh: Mesh, rules=None, *, strict: bool = False) -> dict:
     """jaxtune.lora.init_adapters(cfg, rng), each adapter created directly in its sharding."""
-    from jaxtune import lora
-
     shardings = param_shardings(lora.adapter_shapes(cfg), mesh, rules, strict=strict)
     return create_sharded(lora.init_adapters, shardings, cfg, rng, static_argnums=0)
 
 
 # --------------------------------------------------------------------------------------------
 # Optimizer state
-
-
-def _trailing_dict_path(key_path) -> Path:
-    """The dict keys at the end of a key path: a state leaf's parameter path (optax mirrors params)."""
-    keys: list[str] = []
-    for key in reversed(key_path):
-        if not isinstance(key, jax.tree_util.DictKey):
-            break
-        keys.append(str(key.key))
-    return tuple(reversed(keys))
 
 
 def state_shardings(abstract_opt_state, param_shardings_tree, mesh: Mesh):
@@ -392,10 +379,10 @@ def state_shardings(abstract_opt_state, param_shardings_tree, mesh: Mesh):
     multi_transform / masked state without needing the optimizer itself.
     """
     by_path: dict[Path, NamedSharding] = {
-        path_of(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(param_shardings_tree)[0]}
+        params_lib.path_of(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(param_shardings_tree)[0]}
 
     def sharding(key_path, leaf):
-        param_sharding = by_path.get(_trailing_dict_path(key_path))
+        param_sharding = by_path.get(params_lib.trailing_dict_path(key_path))
         if param_sharding is not None and _mirrors(leaf.shape, param_sharding):
             return param_sharding
         return replicated(mesh)
@@ -456,8 +443,6 @@ def activation_bytes_estimate(cfg, batch_size: int, seq_len: int, mesh: Mesh) ->
     while it is recomputed. Logits add 3 float32 [T, V] buffers per sequence (logits, softmax, grad).
     An estimate, not a measurement: compare `compiled_memory` of the real step.
     """
-    from jaxtune.models.llama import DTYPES
-
     tensor = mesh.shape["tensor"]
     tokens = batch_size * seq_len / (mesh.shape["data"] * mesh.shape["fsdp"])
     itemsize = np.dtype(DTYPES[cfg.compute_dtype]).itemsize

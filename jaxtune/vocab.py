@@ -44,9 +44,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtune.lora import EMBEDDING_PATHS, path_of
+from jaxtune.lora import EMBEDDING_PATHS
+from jaxtune.params import path_of
 
-log = logging.getLogger("jaxtune")
+log = logging.getLogger(__name__)
 
 EMBEDDING, HEAD = EMBEDDING_PATHS
 

@@ -137,6 +137,59 @@ def write_chat_jsonl(path: pathlib.Path, n: int = 16) -> pathlib.Path:
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def random_adapters(cfg, seed=0, scale=0.05):
+    """Adapters of cfg.lora with every leaf random and non-zero (fresh b / embedding a are zeros)."""
+    import jax
+
+    from jaxtune import lora
+
+    leaves, treedef = jax.tree_util.tree_flatten(lora.adapter_shapes(cfg))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
+                                                  for k, x in zip(keys, leaves)])
+
+
+def leaves_equal(a, b) -> bool:
+    """Same tree structure and bit-identical leaves."""
+    import jax
+    import numpy as np
+
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    return [p for p, _ in flat_a] == [p for p, _ in flat_b] and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(flat_a, flat_b))
+
+
+def write_run(workdir: pathlib.Path, model_folder, lora_cfg, checkpoints: dict, config: dict | None = None):
+    """A workdir as jaxtune.train leaves it: config.json and orbax checkpoints of {step: (params, eval_loss)}.
+
+    lora_cfg None is a full fine-tuning run; `config` adds keys per group, e.g. {'data': {'max_len': 256}}.
+    """
+    import json
+
+    import jax
+    import numpy as np
+    import optax
+
+    from jaxtune import checkpoint
+
+    workdir.mkdir()
+    run_config = {"model": {"path": str(model_folder), "revision": "", "dtype": "float32", "allow_pickle": False},
+                  "lora": {"enabled": lora_cfg is not None, "rank": lora_cfg.rank if lora_cfg else 4,
+                           "alpha": lora_cfg.alpha if lora_cfg else 8.0, "dropout": lora_cfg.dropout if lora_cfg else 0.05,
+                           "targets": ",".join(lora_cfg.targets) if lora_cfg else "all",
+                           "rslora": bool(lora_cfg and lora_cfg.rslora), "init_from": ""},
+                  "data": {"add_tokens": ""}}
+    for group, values in (config or {}).items():
+        run_config.setdefault(group, {}).update(values)
+    (workdir / "config.json").write_text(json.dumps(run_config))
+    tx = optax.adam(1e-3)
+    with checkpoint.Checkpointer(workdir, every=1, keep=5, async_save=False) as saver:
+        for step, (params, eval_loss) in checkpoints.items():
+            state = {"step": np.int32(step), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(0)}
+            saver.save(step, state, {"step": step}, metrics={"eval_loss": eval_loss})
+    return workdir
+
+
 def write_jsonl(path: pathlib.Path, rows) -> pathlib.Path:
     """One line per row: a dict is written as JSON, a string as is (e.g. a deliberately broken line)."""
     import json

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import write_chat_jsonl
 from jaxtune import checkpoint as ckpt_lib
+from jaxtune import params as params_lib
 from test_checkpoint import kill_after_first_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, *named: str):
 def stored_state(workdir: pathlib.Path, step: int) -> dict:
     """{leaf path: numpy array} of checkpoint `step`'s state as written (keys as key data)."""
     tree = ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
-    return {ckpt_lib._leaf_path(kp): np.asarray(leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {params_lib.path_str(kp): np.asarray(leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def assert_states_identical(a: dict, b: dict):

@@ -8,20 +8,19 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_jsonl
-from jaxtune import api, evaluate, export, generate, inference, lora
+from conftest import leaves_equal, random_adapters, write_jsonl, write_run
+from jaxtune import api, evaluate, generate, hf, loading, lora
+from jaxtune import workdir as workdir_lib
+from jaxtune import params as params_lib
+from jaxtune import peft as peft_io
 
 PROMPTS = ["Say hello.", "Name a fruit.", "Count to three.", "What is rain?"]
 QUESTIONS = [{"question": "What is the capital of France?", "answers": ["Paris"]},
              {"question": "What is 2 + 2?", "answers": ["4", "four"]}]
 
 
-def noisy_adapters(cfg, seed=0, scale=0.5):
-    """Adapters of cfg.lora with every leaf random (fresh lora_b is zero, which would change nothing)."""
-    leaves, treedef = jax.tree_util.tree_flatten(lora.adapter_shapes(cfg))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
-                                                  for k, x in zip(keys, leaves)])
+def noisy_adapters(cfg, seed=0):
+    return random_adapters(cfg, seed, scale=0.5)
 
 
 def zero_adapters(cfg):
@@ -42,7 +41,7 @@ def lively(params, seed=0):
 def model_folder(tiny_chat_model, tmp_path_factory):
     """tiny_chat_model (real SmolLM2 tokenizer and template) with lively random weights."""
     model = api.load(str(tiny_chat_model))
-    return export.save_merged_model(lively(model.params), model.cfg, tmp_path_factory.mktemp("lively") / "model",
+    return hf.save_merged_model(lively(model.params), model.cfg, tmp_path_factory.mktemp("lively") / "model",
                                     model.tokenizer, tiny_chat_model, "float32")
 
 
@@ -91,10 +90,10 @@ def test_drift_is_zero_against_itself_and_grows_when_params_change(chat_model):
     assert same["finetuned_loss"] == pytest.approx(same["base_loss"], abs=1e-6)
 
     cfg = chat_model.cfg.replace(lora=LORA)
-    zero = lora.merge_trees(chat_model.params, zero_adapters(cfg))
+    zero = params_lib.merge_trees(chat_model.params, zero_adapters(cfg))
     assert evaluate.drift(chat_model, chat_model.params, zero, LORA, PROMPTS, answers,
                           settings)["delta"] == pytest.approx(0.0, abs=1e-5)
-    changed = lora.merge_trees(chat_model.params, noisy_adapters(cfg))
+    changed = params_lib.merge_trees(chat_model.params, noisy_adapters(cfg))
     moved = evaluate.drift(chat_model, chat_model.params, changed, LORA, PROMPTS, answers, settings)
     assert moved["base_loss"] == pytest.approx(same["base_loss"], abs=1e-6)
     assert moved["delta"] > 0.1
@@ -118,7 +117,7 @@ def peft_dirs(model_folder, chat_model, tmp_path_factory):
     """{'noisy': PEFT folder with random adapters, 'zero': PEFT folder with zero adapters}."""
     cfg = chat_model.cfg.replace(lora=LORA)
     root = tmp_path_factory.mktemp("adapters")
-    return {name: export.save_peft_adapter(adapters, cfg, root / name, str(model_folder))
+    return {name: peft_io.save_peft_adapter(adapters, cfg, root / name, str(model_folder))
             for name, adapters in (("noisy", noisy_adapters(cfg)), ("zero", zero_adapters(cfg)))}
 
 
@@ -138,51 +137,29 @@ def test_generate_with_a_peft_adapter(model_folder, peft_dirs, capsys):
 
 
 def fake_run(workdir, model_folder, lora_cfg, params, step=7, data=None, train=None):
-    """A workdir as jaxtune.train leaves it: config.json (data / train: keys changed) + one orbax
-    checkpoint of `params`."""
-    import optax
-
-    from jaxtune import checkpoint
-
-    workdir.mkdir()
-    lo = {"enabled": False, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": "all", "rslora": False}
-    if lora_cfg is not None:
-        lo = {"enabled": True, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "dropout": 0.0,
-              "targets": ",".join(lora_cfg.targets), "rslora": lora_cfg.rslora}
-    config = {"model": {"path": str(model_folder), "revision": "", "allow_pickle": False}, "lora": lo,
-              "data": {"add_tokens": "", "max_len": 256, **(data or {})},
-              "train": {"task": "arithmetic", **(train or {})}}
-    (workdir / "config.json").write_text(json.dumps(config))
-    tx = optax.sgd(1e-3)
-    with checkpoint.Checkpointer(workdir, every=1, keep=2, async_save=False) as saver:
-        state = {"step": np.int32(step), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(0)}
-        saver.save(step, state, {"step": step}, metrics={"eval_loss": 1.0})
-    return workdir
-
-
-def leaves_equal(a, b):
-    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    return [p for p, _ in flat_a] == [p for p, _ in flat_b] and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(flat_a, flat_b))
+    """A run with one checkpoint of `params` at `step`, whose config names a task and a max_len
+    (`data` / `train` change keys of those groups)."""
+    return write_run(workdir, model_folder, lora_cfg, {step: (params, 1.0)},
+                     {"data": {"max_len": 256, **(data or {})}, "train": {"task": "arithmetic", **(train or {})}})
 
 
 def test_load_for_inference_from_run_workdirs(model_folder, chat_model, tmp_path):
     cfg = chat_model.cfg.replace(lora=LORA)
     adapters = noisy_adapters(cfg, seed=3)
     run = fake_run(tmp_path / "lora_run", model_folder, LORA, adapters)
-    model, params, lora_cfg = inference.load_for_inference(None, run)
+    model, params, lora_cfg = loading.load_for_inference(None, run)
     assert lora_cfg == LORA and model.cfg.lora is None
-    assert leaves_equal(params, lora.merge_trees(chat_model.params, adapters))
+    assert leaves_equal(params, params_lib.merge_trees(chat_model.params, adapters))
     assert leaves_equal(model.params, chat_model.params)
 
     full = jax.tree_util.tree_map(lambda x: x + 0.01, chat_model.params)
     run = fake_run(tmp_path / "full_run", model_folder, None, full)
-    model, params, lora_cfg = inference.load_for_inference(None, run)
+    model, params, lora_cfg = loading.load_for_inference(None, run)
     assert lora_cfg is None and leaves_equal(params, full)  # the run's params replace the base
     assert leaves_equal(model.params, chat_model.params)
 
-    with pytest.raises(inference.InferenceError, match="neither a jaxtune workdir"):
-        inference.load_for_inference(None, tmp_path)
+    with pytest.raises(loading.InferenceError, match="neither a jaxtune workdir"):
+        loading.load_for_inference(None, tmp_path)
 
 
 def small_general_files(tmp_path):
@@ -411,5 +388,5 @@ def test_a_raw_text_run_scores_its_task_with_raw_prompts_and_keeps_the_last_chec
     from jaxtune import checkpoint
 
     assert sorted(checkpoint.step_dirs(tmp_path / "run" / "checkpoints")) == [3]  # keep_best without eval: last K
-    with pytest.raises(export.ExportError, match="data.eval"):
-        export.resolve_step(tmp_path / "run", "best")
+    with pytest.raises(hf.ExportError, match="data.eval"):
+        workdir_lib.resolve_step(tmp_path / "run", "best")

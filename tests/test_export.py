@@ -11,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import require_reference
-from jaxtune import api, export, lora
+from conftest import random_adapters, require_reference, write_run
+from jaxtune import api, export, hf, lora
+from jaxtune import params as params_lib
+from jaxtune import peft as peft_io
 from jaxtune.models.llama import ALL_TARGETS
 
 peft = require_reference("peft")
@@ -20,15 +22,6 @@ torch = require_reference("torch")
 transformers = require_reference("transformers")
 
 TOKENS = np.array([[5, 9, 12, 200, 3, 255, 17, 0], [7, 7, 1, 254, 128, 64, 33, 2]], np.int32)
-
-
-def random_adapters(cfg, seed=0, scale=0.05):
-    """Adapters of cfg.lora with every leaf random and non-zero (fresh b / embedding a are zeros)."""
-    shapes = lora.adapter_shapes(cfg)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
-                                                  for k, x in zip(keys, leaves)])
 
 
 def torch_logits(model, tokens=TOKENS):
@@ -42,13 +35,13 @@ def fresh_hf_model(folder):
 
 
 def jaxtune_adapter_logits(model, adapters, lora_cfg, tokens=TOKENS):
-    return api.logits(model, tokens, params=lora.merge_trees(model.params, adapters), lora=lora_cfg)
+    return api.logits(model, tokens, params=params_lib.merge_trees(model.params, adapters), lora=lora_cfg)
 
 
 def adapter_tensor_names(adapter_dir) -> set[str]:
     from jaxtune.hf import read_safetensors
 
-    return {name for name, _ in read_safetensors(adapter_dir / export.ADAPTER_WEIGHTS)}
+    return {name for name, _ in read_safetensors(adapter_dir / peft_io.ADAPTER_WEIGHTS)}
 
 
 # The full matrices peft's save_embedding_layers writes when embed_tokens and lm_head carry adapters.
@@ -70,12 +63,12 @@ def test_peft_loads_our_adapter_with_the_same_logits(tiny_models, tmp_path, fami
     ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
     assert np.abs(ours - api.logits(model, TOKENS)).max() > 1e-2  # the adapters matter
 
-    out = export.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder))
+    out = peft_io.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder))
     peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(out)).eval()
     np.testing.assert_allclose(torch_logits(peft_model), ours, atol=1e-4)
 
     # And back: our own export reads into the same tree.
-    loaded, loaded_cfg = export.load_peft_adapter(out, model.cfg)
+    loaded, loaded_cfg = peft_io.load_peft_adapter(out, model.cfg)
     assert loaded_cfg == lora_cfg
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, adapters)
 
@@ -100,11 +93,11 @@ def test_our_adapter_files_match_what_peft_writes(tiny_models, tmp_path):
     model = api.load(str(folder), with_tokenizer=False)
     peft_saved_adapter(folder, tmp_path / "peft", list(ALL_TARGETS), rslora=True)
     cfg = model.cfg.replace(lora=lora.lora_config(4, 8, 0.0, "all", rslora=True))
-    ours = export.save_peft_adapter(random_adapters(cfg), cfg, tmp_path / "ours", str(folder),
+    ours = peft_io.save_peft_adapter(random_adapters(cfg), cfg, tmp_path / "ours", str(folder),
                                     embedding_layers=model.params)
 
-    theirs_config = json.loads((tmp_path / "peft" / export.ADAPTER_CONFIG).read_text())
-    ours_config = json.loads((ours / export.ADAPTER_CONFIG).read_text())
+    theirs_config = json.loads((tmp_path / "peft" / peft_io.ADAPTER_CONFIG).read_text())
+    ours_config = json.loads((ours / peft_io.ADAPTER_CONFIG).read_text())
     assert set(ours_config) == set(theirs_config) - {"peft_version"}
     for key in set(ours_config) - {"base_model_name_or_path", "target_modules"}:
         assert ours_config[key] == theirs_config[key], key
@@ -115,7 +108,7 @@ def test_our_adapter_files_match_what_peft_writes(tiny_models, tmp_path):
         from jaxtune.hf import read_safetensors
 
         return {name: (tensor.shape, tensor.dtype) for name, tensor in
-                read_safetensors(directory / export.ADAPTER_WEIGHTS)}
+                read_safetensors(directory / peft_io.ADAPTER_WEIGHTS)}
 
     # Same keys (incl. embed_tokens.lora_embedding_A without `.weight` and the tied head's
     # base_layer written under both names), same shapes and dtypes.
@@ -136,7 +129,7 @@ def test_jaxtune_loads_an_adapter_saved_by_peft(tiny_models, tmp_path, family, t
     folder, _ = tiny_models(family)
     peft_model = peft_saved_adapter(folder, tmp_path / "peft", targets, rslora, alpha=16)
     model = api.load(str(folder), with_tokenizer=False)
-    adapters, lora_cfg = export.load_peft_adapter(tmp_path / "peft", model.cfg)
+    adapters, lora_cfg = peft_io.load_peft_adapter(tmp_path / "peft", model.cfg)
     assert lora_cfg.rank == 4 and lora_cfg.alpha == 16 and lora_cfg.rslora == rslora
     ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
     assert np.abs(ours - api.logits(model, TOKENS)).max() > 1e-2
@@ -157,7 +150,7 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(tiny_models, t
     ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
 
     # A small shard limit forces several shards and the index.
-    out = export.save_merged_model(lora.merge_trees(model.params, adapters), cfg, tmp_path / "merged",
+    out = hf.save_merged_model(params_lib.merge_trees(model.params, adapters), cfg, tmp_path / "merged",
                                    source_folder=folder, max_shard_bytes=200_000)
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["dtype"] == "float32"
@@ -167,7 +160,7 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(tiny_models, t
 
     if model.cfg.tie_word_embeddings:
         # peft's own merge keeps the head tied and cannot hold both merged matrices (peft #2777).
-        adapter_dir = export.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder))
+        adapter_dir = peft_io.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder))
         peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(adapter_dir))
         peft_merged = peft_model.merge_and_unload()
         assert np.abs(torch_logits(peft_merged) - ours).max() > 1e-2
@@ -189,11 +182,11 @@ def test_merged_export_equals_the_peft_adapter_for_vocabulary_targets(tiny_model
     ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
     assert np.abs(ours - api.logits(model, TOKENS)).max() > 1e-2  # the adapters matter
 
-    adapter_dir = export.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder))
+    adapter_dir = peft_io.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder))
     peft_logits = torch_logits(peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(adapter_dir)).eval())
     np.testing.assert_allclose(peft_logits, ours, atol=1e-4)
 
-    out = export.save_merged_model(lora.merge_trees(model.params, adapters), cfg, tmp_path / "merged",
+    out = hf.save_merged_model(params_lib.merge_trees(model.params, adapters), cfg, tmp_path / "merged",
                                    source_folder=folder)
     merged = fresh_hf_model(out)
     np.testing.assert_allclose(torch_logits(merged), peft_logits, atol=1e-4)
@@ -207,24 +200,24 @@ def test_merged_export_of_linear_adapters_stays_tied_and_casts(tiny_models, tmp_
     cfg = model.cfg.replace(lora=lora_cfg)
     adapters = random_adapters(cfg, seed=5)
     ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
-    params = lora.merge_trees(model.params, adapters)
+    params = params_lib.merge_trees(model.params, adapters)
 
-    out = export.save_merged_model(params, cfg, tmp_path / "f32", source_folder=folder)
+    out = hf.save_merged_model(params, cfg, tmp_path / "f32", source_folder=folder)
     assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     np.testing.assert_allclose(torch_logits(fresh_hf_model(out)), ours, atol=1e-4)
 
-    out16 = export.save_merged_model(params, cfg, tmp_path / "bf16", source_folder=folder, dtype="bfloat16")
+    out16 = hf.save_merged_model(params, cfg, tmp_path / "bf16", source_folder=folder, dtype="bfloat16")
     assert json.loads((out16 / "config.json").read_text())["dtype"] == "bfloat16"
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(out16)
     assert next(hf16.parameters()).dtype == torch.bfloat16
     assert np.abs(torch_logits(hf16) - ours).max() < 0.1
 
     with pytest.raises(export.ExportError, match="not empty"):
-        export.save_merged_model(params, cfg, out, source_folder=folder)
-    export.save_merged_model(params, cfg, out, source_folder=folder, overwrite=True)
+        hf.save_merged_model(params, cfg, out, source_folder=folder)
+    hf.save_merged_model(params, cfg, out, source_folder=folder, overwrite=True)
     with pytest.raises(export.ExportError, match="source model folder"):
-        export.save_merged_model(params, cfg, folder, source_folder=folder, overwrite=True)
+        hf.save_merged_model(params, cfg, folder, source_folder=folder, overwrite=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,18 +248,18 @@ def test_extended_vocabulary_travels_in_the_adapter(tiny_models, tmp_path, famil
     embedding_layers = {"model": {"embed_tokens": params["model"]["embed_tokens"]}}
     if "lm_head" in params:
         embedding_layers["lm_head"] = params["lm_head"]
-    out = export.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder), embedding_layers=embedding_layers)
+    out = peft_io.save_peft_adapter(adapters, cfg, tmp_path / "adapter", str(folder), embedding_layers=embedding_layers)
     hf_model = fresh_hf_model(folder)
     hf_model.resize_token_embeddings(vocab)
     peft_model = peft.PeftModel.from_pretrained(hf_model, str(out)).eval()
     np.testing.assert_allclose(torch_logits(peft_model, tokens), ours, atol=1e-4)
 
     with pytest.raises(export.ExportError, match=f"vocabulary of {vocab} tokens"):
-        export.load_peft_adapter(out, model.cfg)
-    loaded, _ = export.load_peft_adapter(out, big.cfg)
-    embedding_rows = export.load_peft_embedding_layers(out, big.cfg)
+        peft_io.load_peft_adapter(out, model.cfg)
+    loaded, _ = peft_io.load_peft_adapter(out, big.cfg)
+    embedding_rows = peft_io.load_peft_embedding_layers(out, big.cfg)
     rest = {"model": {k: v for k, v in model.params["model"].items() if k != "embed_tokens"}}
-    back = api.LoadedModel(big.cfg, lora.merge_trees(rest, embedding_rows), None, folder)
+    back = api.LoadedModel(big.cfg, params_lib.merge_trees(rest, embedding_rows), None, folder)
     np.testing.assert_allclose(jaxtune_adapter_logits(back, loaded, lora_cfg, tokens), ours, atol=1e-5)
 
 
@@ -290,22 +283,22 @@ def test_unsupported_adapter_features_are_refused_by_name(tiny_models, tmp_path,
     folder, _ = tiny_models("llama2")
     model = api.load(str(folder), with_tokenizer=False)
     cfg = model.cfg.replace(lora=lora.lora_config(4, 8, 0.0, "q,v", False))
-    out = export.save_peft_adapter(random_adapters(cfg), cfg, tmp_path / "adapter", str(folder))
-    config_file = out / export.ADAPTER_CONFIG
+    out = peft_io.save_peft_adapter(random_adapters(cfg), cfg, tmp_path / "adapter", str(folder))
+    config_file = out / peft_io.ADAPTER_CONFIG
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
     with pytest.raises(export.ExportError, match=named):
-        export.load_peft_adapter(out, model.cfg)
+        peft_io.load_peft_adapter(out, model.cfg)
 
 
 def test_mismatched_adapter_tensors_are_listed(tiny_models, tmp_path):
     folder, _ = tiny_models("llama2")
     model = api.load(str(folder), with_tokenizer=False)
     cfg = model.cfg.replace(lora=lora.lora_config(4, 8, 0.0, "q,v", False))
-    out = export.save_peft_adapter(random_adapters(cfg), cfg, tmp_path / "adapter", str(folder))
-    config_file = out / export.ADAPTER_CONFIG
+    out = peft_io.save_peft_adapter(random_adapters(cfg), cfg, tmp_path / "adapter", str(folder))
+    config_file = out / peft_io.ADAPTER_CONFIG
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "target_modules": ["q_proj", "k_proj"]}))
     with pytest.raises(export.ExportError, match=r"missing \(6\).*k_proj.*\n.*unexpected \(6\).*v_proj"):
-        export.load_peft_adapter(out, model.cfg)
+        peft_io.load_peft_adapter(out, model.cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,40 +320,18 @@ def with_tokenizer(folder, out):
     return out
 
 
-def fake_run(workdir, model_folder, lora_cfg, checkpoints):
-    """A workdir as jaxtune.train leaves it: config.json and orbax checkpoints of {step: (params, eval_loss)}."""
-    import optax
-
-    from jaxtune import checkpoint
-
-    workdir.mkdir()
-    run_config = {"model": {"path": str(model_folder), "revision": "", "dtype": "float32", "allow_pickle": False},
-                  "lora": {"enabled": lora_cfg is not None, "rank": 4, "alpha": 8.0, "dropout": 0.05,
-                           "targets": ",".join(lora_cfg.targets) if lora_cfg else "all", "rslora": bool(
-                               lora_cfg and lora_cfg.rslora), "init_from": ""},
-                  "data": {"add_tokens": ""}}
-    if lora_cfg is not None:
-        run_config["lora"].update(rank=lora_cfg.rank, alpha=lora_cfg.alpha)
-    (workdir / "config.json").write_text(json.dumps(run_config))
-    tx = optax.adam(1e-3)
-    with checkpoint.Checkpointer(workdir, every=1, keep=5, async_save=False) as saver:
-        for step, (params, eval_loss) in checkpoints.items():
-            state = {"step": np.int32(step), "params": params, "opt_state": tx.init(params), "rng": jax.random.key(0)}
-            saver.save(step, state, {"step": step}, metrics={"eval_loss": eval_loss})
-
-
 def test_cli_exports_a_lora_run_as_peft_and_merged(tiny_models, tmp_path):
     folder = with_tokenizer(tiny_models("smollm2")[0], tmp_path / "base")
     model = api.load(str(folder), with_tokenizer=False)
     lora_cfg = lora.lora_config(4, 8.0, 0.05, "all", rslora=True)
     cfg = model.cfg.replace(lora=lora_cfg)
     best, last = random_adapters(cfg, seed=1), random_adapters(cfg, seed=2)
-    fake_run(tmp_path / "run", folder, lora_cfg, {10: (best, 1.5), 20: (last, 2.5)})
+    write_run(tmp_path / "run", folder, lora_cfg, {10: (best, 1.5), 20: (last, 2.5)})
 
     assert export.main(["--workdir", str(tmp_path / "run"), "--format=peft", "--step=best"]) == 0
     adapter_dir = tmp_path / "run" / "exports" / "peft-step10"
     assert (adapter_dir / "tokenizer.json").exists()
-    assert json.loads((adapter_dir / export.ADAPTER_CONFIG).read_text())["lora_dropout"] == 0.05
+    assert json.loads((adapter_dir / peft_io.ADAPTER_CONFIG).read_text())["lora_dropout"] == 0.05
     peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(adapter_dir)).eval()
     np.testing.assert_allclose(torch_logits(peft_model), jaxtune_adapter_logits(model, best, lora_cfg), atol=1e-4)
 
@@ -386,14 +357,14 @@ def test_peft_export_of_a_run_without_new_tokens_leaves_the_base_embedding_out(t
     lora_cfg = lora.lora_config(4, 8.0, 0.0, "all", rslora=False)
     cfg = model.cfg.replace(lora=lora_cfg)
     adapters = random_adapters(cfg, seed=6)
-    fake_run(tmp_path / "run", folder, lora_cfg, {4: (adapters, 1.0)})
+    write_run(tmp_path / "run", folder, lora_cfg, {4: (adapters, 1.0)})
     ours = jaxtune_adapter_logits(model, adapters, lora_cfg)
 
     lean = export.export_run(tmp_path / "run", "peft")
-    assert adapter_tensor_names(lean) == {name for name, _, _ in export.peft_tensor_names(cfg)}
+    assert adapter_tensor_names(lean) == {name for name, _, _ in peft_io.peft_tensor_names(cfg)}
     peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(lean)).eval()
     np.testing.assert_allclose(torch_logits(peft_model), ours, atol=1e-4)
-    loaded, _ = export.load_peft_adapter(lean, model.cfg)
+    loaded, _ = peft_io.load_peft_adapter(lean, model.cfg)
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, adapters)
 
     forced = tmp_path / "forced"
@@ -416,8 +387,8 @@ def test_peft_export_writes_new_token_rows_when_the_table_kept_its_size(tiny_mod
     embedding = np.array(model.params["model"]["embed_tokens"]["embedding"])
     embedding[-2:] = 0.5 * np.random.default_rng(2).standard_normal((2, model.cfg.hidden_size))  # trained rows
     adapters = random_adapters(cfg, seed=8)
-    trained = lora.merge_trees(adapters, {"model": {"embed_tokens": {"embedding": embedding}}})
-    fake_run(tmp_path / "run", folder, lora_cfg, {2: (trained, 1.0)})
+    trained = params_lib.merge_trees(adapters, {"model": {"embed_tokens": {"embedding": embedding}}})
+    write_run(tmp_path / "run", folder, lora_cfg, {2: (trained, 1.0)})
     run_config = json.loads((tmp_path / "run" / "config.json").read_text())
     run_config["data"]["add_tokens"] = "<tool>,</tool>"
     (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
@@ -427,7 +398,7 @@ def test_peft_export_writes_new_token_rows_when_the_table_kept_its_size(tiny_mod
     full_matrices = {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"}
     assert full_matrices <= adapter_tensor_names(out)
     rest = {"model": {k: v for k, v in model.params["model"].items() if k != "embed_tokens"}}
-    trained_model = api.LoadedModel(model.cfg, lora.merge_trees(rest, {"model": {"embed_tokens": {
+    trained_model = api.LoadedModel(model.cfg, params_lib.merge_trees(rest, {"model": {"embed_tokens": {
         "embedding": embedding}}}), None, folder)
     tokens = np.array([[5, 254, 9, 255, 3]], np.int32)
     ours = jaxtune_adapter_logits(trained_model, adapters, lora_cfg, tokens)
@@ -443,7 +414,7 @@ def test_cli_exports_a_full_finetuning_run_merged_and_refuses_peft(tiny_models, 
     keys = jax.random.split(jax.random.key(4), len(leaves))
     trained = jax.tree_util.tree_unflatten(treedef, [x + 0.01 * jax.random.normal(k, x.shape)
                                                      for k, x in zip(keys, leaves)])
-    fake_run(tmp_path / "run", folder, None, {5: (trained, 1.0)})
+    write_run(tmp_path / "run", folder, None, {5: (trained, 1.0)})
 
     assert export.main([f"--workdir={tmp_path / 'run'}", "--format=peft"]) == 2
     assert "full fine-tuning run" in caplog.text and "--format=merged" in caplog.text
@@ -462,8 +433,8 @@ def test_cli_exports_a_run_that_extended_the_vocabulary(tiny_models, tmp_path):
     cfg = model.cfg.replace(vocab_size=vocab, lora=lora_cfg)
     new_rows = 0.02 * np.random.default_rng(1).standard_normal((2, model.cfg.hidden_size), np.float32)
     embedding = np.concatenate([np.asarray(model.params["model"]["embed_tokens"]["embedding"]), new_rows])
-    trained = lora.merge_trees(random_adapters(cfg, seed=9), {"model": {"embed_tokens": {"embedding": embedding}}})
-    fake_run(tmp_path / "run", folder, lora_cfg, {3: (trained, 1.0)})
+    trained = params_lib.merge_trees(random_adapters(cfg, seed=9), {"model": {"embed_tokens": {"embedding": embedding}}})
+    write_run(tmp_path / "run", folder, lora_cfg, {3: (trained, 1.0)})
     run_config = json.loads((tmp_path / "run" / "config.json").read_text())
     run_config["data"]["add_tokens"] = "<tool>,</tool>"
     (tmp_path / "run" / "config.json").write_text(json.dumps(run_config))
@@ -473,7 +444,7 @@ def test_cli_exports_a_run_that_extended_the_vocabulary(tiny_models, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.convert_tokens_to_ids(["<tool>", "</tool>"]) == [vocab - 2, vocab - 1]
     base_rest = {"model": {k: v for k, v in model.params["model"].items() if k != "embed_tokens"}}
-    big = api.LoadedModel(cfg.replace(lora=None), lora.merge_trees(base_rest, {"model": {"embed_tokens": {
+    big = api.LoadedModel(cfg.replace(lora=None), params_lib.merge_trees(base_rest, {"model": {"embed_tokens": {
         "embedding": embedding}}}), None, folder)
     tokens = np.array([[5, vocab - 2, 9, vocab - 1, 3]], np.int32)
     adapters, _ = lora.split_trainable(trained, full_finetune=False)

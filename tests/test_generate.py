@@ -19,6 +19,7 @@ import torch
 
 from conftest import build_tiny_hf_model
 from jaxtune import api, generate as gen, lora
+from jaxtune import params as params_lib
 from jaxtune.models.llama import Llama, LoRAConfig, unstack_cache
 
 FAMILIES = ["llama3.2-tied", "qwen2", "qwen3", "mistral"]
@@ -166,7 +167,7 @@ def test_lora_params_generate_like_the_merged_model(varied_models):
     cfg = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj", "lm_head"))
     adapters = lora.init_adapters(model.cfg.replace(lora=cfg), jax.random.key(0))
     adapters = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapters)
-    params = lora.merge_trees(model.params, adapters)
+    params = params_lib.merge_trees(model.params, adapters)
     prompts = ragged_prompts(7)
     ours = gen.generate(model, prompts, NEW_TOKENS, params=params, lora=cfg, eos_ids=[])
     merged, merged_cfg = lora.merge_adapters(params, model.cfg.replace(lora=cfg))

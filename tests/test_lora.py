@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtune import api, checkpoint, export, lora, sharding, train
+from jaxtune import api, checkpoint, lora, sharding, train
+from jaxtune import params as params_lib
+from jaxtune import peft as peft_io
 from jaxtune.config import ConfigError
 from jaxtune.models.llama import ALL_TARGETS, LINEAR_TARGETS
 
@@ -40,13 +42,13 @@ def test_fresh_adapters_leave_the_model_unchanged_and_merge_is_exact(tiny_models
     adapters = lora.init_adapters(model.cfg.replace(lora=cfg), jax.random.key(1))
     tokens = [[5, 9, 12, 200, 3], [7, 7, 1]]
     base = api.logits(model, tokens)
-    fresh = api.logits(model, tokens, params=lora.merge_trees(model.params, adapters), lora=cfg)
+    fresh = api.logits(model, tokens, params=params_lib.merge_trees(model.params, adapters), lora=cfg)
     np.testing.assert_allclose(fresh, base, atol=1e-6)  # b = 0 (linear) and a = 0 (embedding)
 
     trained = randomize_b(adapters)
-    with_adapters = api.logits(model, tokens, params=lora.merge_trees(model.params, trained), lora=cfg)
+    with_adapters = api.logits(model, tokens, params=params_lib.merge_trees(model.params, trained), lora=cfg)
     assert np.abs(with_adapters - base).max() > 1e-2
-    merged, merged_cfg = lora.merge_adapters(lora.merge_trees(model.params, trained), model.cfg.replace(lora=cfg))
+    merged, merged_cfg = lora.merge_adapters(params_lib.merge_trees(model.params, trained), model.cfg.replace(lora=cfg))
     assert not merged_cfg.tie_word_embeddings and "kernel" in merged["lm_head"]
     merged_model = api.LoadedModel(merged_cfg, merged, None, folder)
     np.testing.assert_allclose(api.logits(merged_model, tokens), with_adapters, atol=1e-4)
@@ -55,13 +57,13 @@ def test_fresh_adapters_leave_the_model_unchanged_and_merge_is_exact(tiny_models
 def test_split_and_predicate(tiny_models):
     model = api.load(str(tiny_models("llama2")[0]), with_tokenizer=False)
     cfg = model.cfg.replace(lora=lora.lora_config(2, 4, 0.0, "q,v", False))
-    params = lora.merge_trees(model.params, lora.init_adapters(cfg, jax.random.key(0)))
+    params = params_lib.merge_trees(model.params, lora.init_adapters(cfg, jax.random.key(0)))
     trainable, frozen = lora.split_trainable(params, full_finetune=False)
     assert set(trainable["model"]["layers"]["self_attn"]) == {"q_proj", "v_proj"}
-    assert lora.count_params(trainable) == 3 * (64 * 2 + 2 * 64 + 64 * 2 + 2 * 32)
-    assert lora.count_params(frozen) == lora.count_params(model.params)
+    assert params_lib.count_params(trainable) == 3 * (64 * 2 + 2 * 64 + 64 * 2 + 2 * 32)
+    assert params_lib.count_params(frozen) == params_lib.count_params(model.params)
     all_trainable, none_frozen = lora.split_trainable(params, full_finetune=True)
-    assert none_frozen == {} and lora.count_params(all_trainable) == lora.count_params(params)
+    assert none_frozen == {} and params_lib.count_params(all_trainable) == params_lib.count_params(params)
 
 
 def test_init_from_accepts_an_adapter_saved_with_the_targets_in_another_order(tiny_models, tmp_path):
@@ -72,7 +74,7 @@ def test_init_from_accepts_an_adapter_saved_with_the_targets_in_another_order(ti
     model = api.load(str(folder), with_tokenizer=False)
     saved_cfg = model.cfg.replace(lora=lora.lora_config(4, 8.0, 0.0, "q_proj,v_proj", False))
     saved = randomize_b(lora.init_adapters(saved_cfg, jax.random.key(0)))
-    adapter_dir = export.save_peft_adapter(saved, saved_cfg, tmp_path / "adapter", str(folder))
+    adapter_dir = peft_io.save_peft_adapter(saved, saved_cfg, tmp_path / "adapter", str(folder))
     config = ml_collections.ConfigDict({"lora": {"init_from": str(adapter_dir)}, "train": {"seed": 0}})
     cfg = model.cfg.replace(lora=lora.lora_config(4, 8.0, 0.0, "v,q", False))
     mesh = sharding.make_mesh("1,-1,1")

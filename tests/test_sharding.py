@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import FAMILIES
 from jaxtune import hf, lora, sharding
+from jaxtune import params as params_lib
 from jaxtune.models.llama import ModelConfig, abstract_params
 
 
@@ -21,7 +22,7 @@ def family_cfg(tiny_models, family, lora_targets="all"):
 
 
 def flat(tree, is_leaf=None):
-    return {lora.path_of(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+    return {params_lib.path_of(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
 def test_mesh_shapes_and_clear_errors():
@@ -173,7 +174,7 @@ def test_optimizer_state_follows_params_and_memory_report(tiny_models):
     by_path = flat(train_shardings)
     mirrored = 0
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        param_path = sharding._trailing_dict_path(key_path)
+        param_path = params_lib.trailing_dict_path(key_path)
         if leaf.ndim == 0:
             assert leaf.sharding.is_fully_replicated, key_path
         else:

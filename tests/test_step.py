@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxtune import api, config as config_lib, lora, optim, step
+from jaxtune import params as params_lib
 
 
 def synthetic_batch(batch_size, seq_len, vocab, seed=0):
@@ -32,7 +33,7 @@ def setup(tiny_models, full_finetune, grad_accum=1, family="smollm2", targets="a
     params = model.params
     if not full_finetune:
         cfg = cfg.replace(lora=lora.lora_config(4, 8.0, dropout, targets, False))
-        params = lora.merge_trees(params, lora.init_adapters(cfg, jax.random.key(0)))
+        params = params_lib.merge_trees(params, lora.init_adapters(cfg, jax.random.key(0)))
     trainable, frozen = lora.split_trainable(params, full_finetune)
     tx = optim.optimizer(optim_cfg, 10, full_finetune)
     state = step.init_state(trainable, tx, seed=0)
@@ -106,7 +107,7 @@ def test_compiled_lora_step_holds_no_gradient_or_optimizer_buffers_for_frozen_we
         analysis = fn.lower(state, frozen, batch).compile().memory_analysis()
         memory[full] = analysis
         opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state["opt_state"]))
-        param_bytes = lora.count_params(model.params) * 4
+        param_bytes = params_lib.count_params(model.params) * 4
         if not full:
             # Adam moments exist for the adapters only: a tiny fraction of the base weights.
             assert opt_bytes < 0.1 * param_bytes

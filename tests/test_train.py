@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import require_reference, tiny_config, write_chat_jsonl
-from jaxtune import api, checkpoint, lora, train
+from jaxtune import api, checkpoint, train
+from jaxtune import params as params_lib
 from test_cli import assert_states_identical, stored_state
 
 # The shared 24-step run compiles a sharded step for the 8 simulated devices: minutes on a busy 2-core box.
@@ -71,15 +72,15 @@ def test_loss_falls_on_a_small_real_task(lora_run):
 def test_lora_leaves_the_frozen_base_bit_identical(lora_run, tiny_chat_model):
     base = api.load(str(tiny_chat_model), with_tokenizer=False).params
     frozen = jax.tree_util.tree_flatten_with_path(lora_run.frozen)[0]
-    base_flat = dict((checkpoint._leaf_path(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(base)[0])
-    assert {checkpoint._leaf_path(kp) for kp, _ in frozen} == set(base_flat)
+    base_flat = dict((params_lib.path_str(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(base)[0])
+    assert {params_lib.path_str(kp) for kp, _ in frozen} == set(base_flat)
     for kp, leaf in frozen:
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(base_flat[checkpoint._leaf_path(kp)]))
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(base_flat[params_lib.path_str(kp)]))
     trained = jax.tree_util.tree_flatten_with_path(lora_run.params)[0]
-    assert trained and all(checkpoint._leaf_path(kp).rsplit("/", 1)[-1] in ("lora_a", "lora_b") for kp, _ in trained)
+    assert trained and all(params_lib.path_str(kp).rsplit("/", 1)[-1] in ("lora_a", "lora_b") for kp, _ in trained)
     # ... and the adapters did train: every lora_b left its zero init.
     assert all(np.abs(np.asarray(leaf)).max() > 0 for kp, leaf in trained
-               if checkpoint._leaf_path(kp).endswith("lora_b") and "embed_tokens" not in checkpoint._leaf_path(kp))
+               if params_lib.path_str(kp).endswith("lora_b") and "embed_tokens" not in params_lib.path_str(kp))
 
 
 @slow
@@ -120,7 +121,7 @@ TOKENS = np.array([[1, 9, 120, 4000, 3, 49151, 17, 2], [7, 7, 1, 254, 30000, 64,
 @pytest.fixture(scope="module")
 def run_logits(lora_run, tiny_chat_model):
     model = api.load(str(tiny_chat_model), with_tokenizer=False)
-    ours = api.logits(model, TOKENS, params=lora.merge_trees(model.params, lora_run.params), lora=lora_run.cfg.lora)
+    ours = api.logits(model, TOKENS, params=params_lib.merge_trees(model.params, lora_run.params), lora=lora_run.cfg.lora)
     assert np.abs(ours - api.logits(model, TOKENS)).max() > 1e-2  # the trained adapters matter
     return ours
 

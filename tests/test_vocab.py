@@ -9,6 +9,7 @@ import numpy as np
 
 from conftest import require_reference, tiny_config, write_jsonl
 from jaxtune import api, config as config_lib, export, lora, optim, step, vocab
+from jaxtune import params as params_lib
 
 TOKENS = "<|extract|>,<|done|>"
 
@@ -59,7 +60,7 @@ def test_lora_steps_train_only_the_new_rows_of_an_untied_model(tiny_models):
     ext = vocab.VocabExtension(("<a>", "<b>"), (256, 257), 256, 258, 256)
     params = vocab.resize_params(model.params, ext)
     cfg = model.cfg.replace(vocab_size=258, lora=lora.lora_config(4, 8.0, 0.0, "q,v", False))
-    params = lora.merge_trees(params, lora.init_adapters(cfg, jax.random.key(0)))
+    params = params_lib.merge_trees(params, lora.init_adapters(cfg, jax.random.key(0)))
     trainable, frozen = lora.split_trainable(params, False, train_embeddings=True)
     assert set(trainable) == {"model", "lm_head"} and "kernel" in trainable["lm_head"]
     assert "embedding" in trainable["model"]["embed_tokens"]
@@ -123,7 +124,7 @@ def test_added_tokens_train_save_and_export_with_lora(tiny_chat_model, tmp_path)
 
     ids = tokenizer.encode("<|extract|>name=ada<|done|> who")
     tokens = np.array([ids], np.int32)
-    big = api.LoadedModel(result.cfg.replace(lora=None), lora.merge_trees(result.frozen, result.params), None,
+    big = api.LoadedModel(result.cfg.replace(lora=None), params_lib.merge_trees(result.frozen, result.params), None,
                           tiny_chat_model)
     adapters, _ = lora.split_trainable(result.params, full_finetune=False)
     ours = api.logits(big, tokens, lora=result.cfg.lora)

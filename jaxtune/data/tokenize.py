@@ -44,7 +44,7 @@ import numpy as np
 from jaxtune.data.sources import DataError
 from jaxtune.errors import MissingPackageError
 
-logger = logging.getLogger("jaxtune.data")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,7 @@ def tokenize_examples(examples: Iterable[dict], tokenizer, max_len: int, mask_pr
         stats.tokens += len(ids)
         stats.trained_tokens += int(trained.sum())
     if stats.truncated_examples or stats.dropped_long or stats.dropped_untrained:
-        logger.warning("%s data, max_len=%d: %d examples truncated (%d tokens cut), %d dropped as too long, "
+        log.warning("%s data, max_len=%d: %d examples truncated (%d tokens cut), %d dropped as too long, "
                        "%d dropped with no trained token left; raise data.max_len or set data.drop_long",
                        name, max_len, stats.truncated_examples, stats.truncated_tokens,
                        stats.dropped_long, stats.dropped_untrained)

@@ -1,10 +1,11 @@
-"""Loading a fine-tuned model for inference: a base model plus a run's checkpoint or a PEFT adapter.
+"""Loading a model to run: a base model (`load`), plus a run's checkpoint or a PEFT adapter.
 
-This module owns `load_for_inference`, shared by `python -m jaxtune.generate --adapter=DIR` and
-`python -m jaxtune.evaluate`:
+This module owns `LoadedModel` and `load` (alias, HF folder or hub id -> config, params, tokenizer;
+re-exported as `jaxtune.api.load`), and `load_for_inference`, shared by
+`python -m jaxtune.generate --adapter=DIR` and `python -m jaxtune.evaluate`:
 
-    from jaxtune import inference, generate
-    model, params, lora_cfg = inference.load_for_inference(None, "runs/lora_llama", "float32")
+    from jaxtune import generate, loading
+    model, params, lora_cfg = loading.load_for_inference(None, "runs/lora_llama", "float32")
     generate.generate_text(model, ["Hi"], 32, params=params, lora=lora_cfg)
 
 `adapter` is one of
@@ -17,26 +18,65 @@ This module owns `load_for_inference`, shared by `python -m jaxtune.generate --a
 
 The returned LoadedModel is the BASE model (cfg without LoRA, base params, the tokenizer to use);
 `params` / `lora_cfg` are what to pass as `params=` / `lora=` to generate, api.logits or evaluate.
+`load_tokenizer` is jaxtune.hf's (re-exported here): a run's saved tokenizer is read below this layer.
 When a run extended the vocabulary, the base model's embedding (and untied head) are extended with
 the run's new rows so that both share one config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxtune import api, export, lora
+from jaxtune import hf, lora
+from jaxtune import params as params_lib
+from jaxtune import peft as peft_io
+from jaxtune import workdir as workdir_lib
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.llama import DTYPES, LoRAConfig
+from jaxtune.hf import load_tokenizer
+from jaxtune.models.llama import DTYPES, Llama, LoRAConfig, ModelConfig
 
-log = logging.getLogger("jaxtune.inference")
+__all__ = ["InferenceError", "LoadedModel", "adapter_kind", "base_model_path", "extend_vocab", "load",
+           "load_for_inference", "load_peft", "load_run", "load_tokenizer", "load_with_info"]
 
-RUN_CONFIG = "config.json"
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = workdir_lib.RUN_CONFIG
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run: its config, params (nested dict), tokenizer and source folder."""
+
+    cfg: ModelConfig
+    params: dict
+    tokenizer: Any
+    folder: pathlib.Path
+
+    @property
+    def module(self) -> Llama:
+        return Llama(self.cfg)
+
+
+def load(
+    path: str,
+    param_dtype: str = "float32",
+    compute_dtype: str = "float32",
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Resolve `path` (alias, HF folder or hub id), read its config and weights, and its tokenizer."""
+    folder = hf.resolve_model_dir(path, revision)
+    cfg = hf.model_config_from_hf(folder, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    params = hf.load_params(folder, cfg, allow_pickle=allow_pickle)
+    tokenizer = hf.load_tokenizer(folder) if with_tokenizer else None
+    return LoadedModel(cfg, params, tokenizer, folder)
 
 
 class InferenceError(JaxtuneError, ValueError):
@@ -46,12 +86,12 @@ class InferenceError(JaxtuneError, ValueError):
 def adapter_kind(adapter: str | pathlib.Path) -> str:
     """'workdir' (jaxtune run) or 'peft' (PEFT adapter folder), or InferenceError."""
     directory = pathlib.Path(adapter)
-    if (directory / export.ADAPTER_CONFIG).is_file():
+    if (directory / peft_io.ADAPTER_CONFIG).is_file():
         return "peft"
     if (directory / RUN_CONFIG).is_file():
         return "workdir"
     raise InferenceError(f"--adapter={adapter}: neither a jaxtune workdir (no {RUN_CONFIG}) nor a PEFT adapter "
-                         f"folder (no {export.ADAPTER_CONFIG})")
+                         f"folder (no {peft_io.ADAPTER_CONFIG})")
 
 
 def base_model_path(model: str | None, adapter: str | pathlib.Path | None) -> str:
@@ -62,19 +102,11 @@ def base_model_path(model: str | None, adapter: str | pathlib.Path | None) -> st
         raise InferenceError("give --model (an alias, HF folder or hub id) or --adapter=DIR")
     directory = pathlib.Path(adapter)
     if adapter_kind(directory) == "workdir":
-        return export.read_run_config(directory)["model"]["path"]
-    name = export.read_adapter_config(directory).get("base_model_name_or_path")
+        return workdir_lib.read_run_config(directory).model.path
+    name = peft_io.read_adapter_config(directory).get("base_model_name_or_path")
     if not name:
-        raise InferenceError(f"{directory / export.ADAPTER_CONFIG} names no base_model_name_or_path: give --model")
+        raise InferenceError(f"{directory / peft_io.ADAPTER_CONFIG} names no base_model_name_or_path: give --model")
     return name
-
-
-def cast_tree(tree: dict, dtype: str) -> dict:
-    """Every floating leaf as a jax array of `dtype` (integer leaves unchanged)."""
-    target = DTYPES[dtype]
-    return jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, target) if jnp.issubdtype(np.asarray(x).dtype, jnp.floating) else jnp.asarray(x),
-        tree)
 
 
 def extend_vocab(base: dict, trained: dict, vocab_size: int) -> dict:
@@ -96,25 +128,24 @@ def extend_vocab(base: dict, trained: dict, vocab_size: int) -> dict:
 
 def load_run(model_path: str, workdir: pathlib.Path, dtype: str, step: str | int):
     """(base LoadedModel, fine-tuned params, LoRAConfig | None, step number) of a jaxtune run."""
-    run_config = export.read_run_config(workdir)
-    if model_path != run_config["model"]["path"]:
-        log.warning("%s was trained from %s; loading it over %s", workdir, run_config["model"]["path"], model_path)
-    step_number = export.resolve_step(workdir, step)
-    trained, _ = export.load_trained_params(workdir, step_number)
-    lora_cfg = export.run_lora_config(run_config)
-    model = api.load(model_path, param_dtype=dtype, compute_dtype=dtype,
-                     allow_pickle=bool(run_config["model"].get("allow_pickle")),
-                     revision=run_config["model"].get("revision") or None, with_tokenizer=False)
-    model.tokenizer = export.run_tokenizer(workdir, model.folder, run_config)
+    run = workdir_lib.read_run_config(workdir)
+    if model_path != run.model.path:
+        log.warning("%s was trained from %s; loading it over %s", workdir, run.model.path, model_path)
+    step_number = workdir_lib.resolve_step(workdir, step)
+    trained = workdir_lib.load_trained_params(workdir, step_number)
+    lora_cfg = workdir_lib.run_lora_config(run)
+    model = load(model_path, param_dtype=dtype, compute_dtype=dtype, allow_pickle=bool(run.model.allow_pickle),
+                 revision=run.model.revision or None, with_tokenizer=False)
+    model.tokenizer = workdir_lib.run_tokenizer(workdir, model.folder, run)
     adapters, other = lora.split_trainable(trained, full_finetune=False) if lora_cfg else ({}, trained)
-    vocab_size = export.trained_vocab_size(other, model.cfg.vocab_size)
+    vocab_size = workdir_lib.trained_vocab_size(other, model.cfg.vocab_size)
     if vocab_size != model.cfg.vocab_size:
         log.info("the run extended the vocabulary: %d -> %d tokens", model.cfg.vocab_size, vocab_size)
         model.params = extend_vocab(model.params, other, vocab_size)
         model.cfg = model.cfg.replace(vocab_size=vocab_size)
-    export.check_shapes(trained, model.cfg.replace(lora=lora_cfg), f"checkpoint step {step_number} of {workdir}",
-                        complete=lora_cfg is None)
-    params = export.overlay(model.params, cast_tree(trained, dtype))
+    workdir_lib.check_fits(trained, model.cfg.replace(lora=lora_cfg), f"checkpoint step {step_number} of {workdir}",
+                           complete=lora_cfg is None)
+    params = params_lib.overlay(model.params, params_lib.cast_tree(trained, DTYPES[dtype]))
     log.info("loaded step %d of %s (%s)", step_number, workdir,
              "full fine-tuning" if lora_cfg is None else f"LoRA r={lora_cfg.rank}")
     return model, params, lora_cfg, step_number
@@ -122,16 +153,16 @@ def load_run(model_path: str, workdir: pathlib.Path, dtype: str, step: str | int
 
 def load_peft(model_path: str, adapter_dir: pathlib.Path, dtype: str):
     """(base LoadedModel, base params + adapters, LoRAConfig) for a PEFT adapter folder."""
-    model = api.load(model_path, param_dtype=dtype, compute_dtype=dtype)
+    model = load(model_path, param_dtype=dtype, compute_dtype=dtype)
     if any((adapter_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
-        model.tokenizer = api.load_tokenizer(adapter_dir)
-    adapters, lora_cfg = export.load_peft_adapter(adapter_dir, model.cfg)
-    return model, lora.merge_trees(model.params, adapters), lora_cfg
+        model.tokenizer = load_tokenizer(adapter_dir)
+    adapters, lora_cfg = peft_io.load_peft_adapter(adapter_dir, model.cfg)
+    return model, params_lib.merge_trees(model.params, adapters), lora_cfg
 
 
 def load_for_inference(model_path_or_alias: str | None, adapter: str | pathlib.Path | None,
                        dtype: str = "float32", step: str | int = "last"
-                       ) -> tuple[api.LoadedModel, dict, LoRAConfig | None]:
+                       ) -> tuple[LoadedModel, dict, LoRAConfig | None]:
     """(base LoadedModel, params to run, LoRAConfig or None); see the module docstring."""
     info = load_with_info(model_path_or_alias, adapter, dtype, step)
     return info["model"], info["params"], info["lora"]
@@ -144,7 +175,7 @@ def load_with_info(model_path_or_alias: str | None, adapter: str | pathlib.Path 
         raise InferenceError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     model_path = base_model_path(model_path_or_alias, adapter)
     if adapter is None:
-        model = api.load(model_path, param_dtype=dtype, compute_dtype=dtype)
+        model = load(model_path, param_dtype=dtype, compute_dtype=dtype)
         return {"model": model, "params": model.params, "lora": None, "model_path": model_path,
                 "adapter_kind": None, "step": None}
     directory = pathlib.Path(adapter)
