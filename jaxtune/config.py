@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from jaxtune import lora as lora_lib
+from jaxtune import tasks
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import DTYPES, REMAT_POLICIES
 
@@ -181,8 +182,6 @@ def _task_names(spec: str) -> list[str]:
 
 
 def _task_problems(config: ml_collections.ConfigDict) -> list[str]:
-    from jaxtune import tasks
-
     problems = []
     named = [("data.train", name) for name in _task_names(config.data.train)]
     named += [("data.eval", name) for name in _task_names(config.data.eval)]
