@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models.attention import attention
 from jaxtune.models.kernels import dense, lora_dense
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -292,10 +293,12 @@ class Attention(nn.Module):
             new_cache = {"k": keys, "v": values, "segments": k_segments}
 
         mask = attention_mask(q_slots_BxT, segments_BxT, k_slots, k_segments, cfg.sliding_window)
-        if layer_cache is not None and T == 1:  # decoding: read the cache in place
+        if layer_cache is None:  # training / scoring: canonical batched dots, hand-written backward
+            out_BxTxHxDh = attention(q_BxTxHxDh, keys, values, mask, 1.0 / math.sqrt(Dh))
+        elif T == 1:  # decoding: read the cache in place
             out_BxTxHxDh = one_token_attention(q_BxTxHxDh[:, 0], keys, values, mask[:, 0, 0],
                                                1.0 / math.sqrt(Dh))[:, None]
-        else:
+        else:  # prefill into a cache
             out_BxTxHxDh = jax.nn.dot_product_attention(
                 q_BxTxHxDh, keys.astype(dtype), values.astype(dtype), mask=mask, scale=1.0 / math.sqrt(Dh)
             )
