@@ -29,6 +29,8 @@ import resource
 import time
 from collections.abc import Callable
 
+from machine_load import load_averages, load_report
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -187,7 +189,7 @@ def best_of(rounds: list[dict]) -> dict | None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    load_before = os.getloadavg()[0]
+    load_start = load_averages()
     jt_rounds, hf_rounds = [], []
     for _ in range(args.rounds):
         if args.only in (None, "jaxtune"):
@@ -195,8 +197,9 @@ def main(argv=None) -> None:
         if args.only in (None, "hf"):
             hf_rounds.append(in_fresh_process(run_hf, args))
     print(f"model {args.model} ({args.dtype}), {args.threads} threads, best of {args.repeats} runs x "
-          f"{args.rounds} rounds after warm-up; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+          f"{args.rounds} rounds after warm-up")
     print(table(args, best_of(jt_rounds), best_of(hf_rounds)))
+    print(load_report(load_start, load_averages()))
 
 
 if __name__ == "__main__":

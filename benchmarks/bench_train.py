@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from machine_load import load_averages, load_report
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -106,7 +108,6 @@ def run_jaxtune(args, mode: str) -> dict:
     pin_threads(args.threads)
     import jax
     import jax.numpy as jnp
-    import optax
 
     from jaxtune import hf, lora, optim, step
     from jaxtune import params as params_lib
@@ -387,7 +388,8 @@ def main(argv=None) -> None:
         return child_main(args)
     forward = [a for a in argv if not a.startswith("--json")]
     raw: dict[str, list[dict]] = {f"{fw}:{m}": [] for m in args.modes for fw in args.frameworks}
-    loads = [os.getloadavg()[0]]
+    load_start = load_averages()
+    loads = [load_start[0]]
     for repeat in range(args.repeats):
         for mode in args.modes:
             for fw in args.frameworks:
@@ -401,6 +403,7 @@ def main(argv=None) -> None:
                       file=sys.stderr, flush=True)
     summary = {k: summarise(v, args.batch * args.seq) for k, v in raw.items()}
     print(markdown(args, summary, loads))
+    print(load_report(load_start, load_averages()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "loadavg": loads, "summary": summary, "raw": raw}, f, indent=1)

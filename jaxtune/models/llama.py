@@ -26,6 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models.attention import attention
+from jaxtune.models.kernels import dense, lora_dense
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # LoRA adapters are trainable, so always float32 master weights whatever param_dtype (an Adam update of
 # ~lr is below bfloat16's resolution and would vanish); they are cast to the compute dtype at use.
@@ -164,16 +167,20 @@ class Linear(nn.Module):
     def __call__(self, x):
         in_features = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        if self.lora is not None:
-            a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), ADAPTER_DTYPE)
-            b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), ADAPTER_DTYPE)
-            x_dropped = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
-            y = y + (x_dropped.astype(self.dtype) @ a.astype(self.dtype)) @ b.astype(self.dtype) * self.lora.scaling
-        return y
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        if self.lora is None:
+            return dense(x, kernel, bias, dtype=self.dtype)
+        a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), ADAPTER_DTYPE)
+        b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), ADAPTER_DTYPE)
+        return lora_dense(x, kernel, bias, a, b, lora_dropout(self, x), scaling=self.lora.scaling, dtype=self.dtype)
+
+
+def lora_dropout(module: nn.Module, x):
+    """The input the adapter multiplies: dropout(x) with the module's 'dropout' rng, or None when
+    there is no dropout (rate 0 or deterministic) so the adapter reads x itself."""
+    if module.deterministic or module.lora.dropout == 0.0:
+        return None
+    return nn.Dropout(module.lora.dropout)(x, deterministic=False)
 
 
 class Embed(nn.Module):
@@ -196,9 +203,10 @@ class Embed(nn.Module):
 
     def __call__(self, tokens_BxT):
         x = jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.dtype)
-        if self.lora is not None:
-            x_a = jnp.take(self.lora_a, tokens_BxT, axis=0).astype(self.dtype)
-            x = x + (x_a @ self.lora_b.astype(self.dtype)) * self.lora.scaling
+        if self.lora is not None:  # 2-D [N, r] @ [r, D]: canonical dots in the backward too
+            x_a_NxR = jnp.take(self.lora_a, tokens_BxT.reshape(-1), axis=0).astype(self.dtype)
+            delta_NxD = (x_a_NxR @ self.lora_b.astype(self.dtype)) * self.lora.scaling
+            x = x + delta_NxD.reshape(x.shape)
         return x
 
     def attend(self, h_BxTxD):
@@ -219,8 +227,8 @@ class TiedHeadLoRA(nn.Module):
     def __call__(self, h_BxTxD):
         a = self.param("lora_a", lora_a_init, (h_BxTxD.shape[-1], self.lora.rank), ADAPTER_DTYPE)
         b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.vocab_size), ADAPTER_DTYPE)
-        h = nn.Dropout(self.lora.dropout)(h_BxTxD, deterministic=self.deterministic)
-        return (h.astype(self.dtype) @ a.astype(self.dtype)) @ b.astype(self.dtype) * self.lora.scaling
+        return lora_dense(h_BxTxD, None, None, a, b, lora_dropout(self, h_BxTxD), scaling=self.lora.scaling,
+                          dtype=self.dtype)
 
 
 def lora_for(cfg: ModelConfig, target: str) -> LoRAConfig | None:
@@ -291,10 +299,12 @@ class Attention(nn.Module):
             new_cache = {"k": keys, "v": values, "segments": k_segments}
 
         mask = attention_mask(q_slots_BxT, segments_BxT, k_slots, k_segments, cfg.sliding_window)
-        if layer_cache is not None and T == 1:  # decoding: read the cache in place
+        if layer_cache is None:  # training / scoring: canonical batched dots, hand-written backward
+            out_BxTxHxDh = attention(q_BxTxHxDh, keys, values, mask, 1.0 / math.sqrt(Dh))
+        elif T == 1:  # decoding: read the cache in place
             out_BxTxHxDh = one_token_attention(q_BxTxHxDh[:, 0], keys, values, mask[:, 0, 0],
                                                1.0 / math.sqrt(Dh))[:, None]
-        else:
+        else:  # prefill into a cache
             out_BxTxHxDh = jax.nn.dot_product_attention(
                 q_BxTxHxDh, keys.astype(dtype), values.astype(dtype), mask=mask, scale=1.0 / math.sqrt(Dh)
             )
@@ -390,7 +400,9 @@ class Decoder(nn.Module):
 
 
 class Llama(nn.Module):
-    """Causal LM. Returns (logits [B, T, V] float32, new KV cache or None).
+    """Causal LM. Returns (logits [B, T, V] float32, new KV cache or None); with hidden_only=True,
+    (final hidden states [B, T, D], the lm_head adapter's dropped input or None) for a loss that
+    applies `lm_head_logits` in chunks so the [B, T, V] logits never exist at once.
 
     cache: None (training / scoring) or a dict from `init_cache` whose `k`/`v` are [L, B, S, K, Dh]
     and `segments` is [L, B, S]; `cache_index` (int32 scalar) is where this call's T tokens are
@@ -408,7 +420,7 @@ class Llama(nn.Module):
     unroll_layers: bool = False
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, segments_BxT, cache=None, cache_index=0):
+    def __call__(self, tokens_BxT, positions_BxT, segments_BxT, cache=None, cache_index=0, hidden_only=False):
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
         cache_index = jnp.asarray(cache_index, jnp.int32)
@@ -416,6 +428,11 @@ class Llama(nn.Module):
             tokens_BxT, positions_BxT, segments_BxT, cache, cache_index
         )
         head_lora = lora_for(cfg, "lm_head")
+        if hidden_only:  # (final hidden states, the lm_head adapter's dropped input or None): see lm_head_logits
+            dropped = None
+            if head_lora is not None and head_lora.dropout > 0.0 and not self.deterministic:
+                dropped = nn.Dropout(head_lora.dropout, name="lm_head_dropout")(h_BxTxD, deterministic=False)
+            return h_BxTxD, dropped
         if cfg.tie_word_embeddings:
             logits_BxTxV = embed.attend(h_BxTxD)
             if head_lora is not None:  # params under 'lm_head' although the kernel is the tied embedding
@@ -423,6 +440,25 @@ class Llama(nn.Module):
         else:
             logits_BxTxV = Linear(cfg.vocab_size, False, head_lora, dtype, pdtype, self.deterministic, name="lm_head")(h_BxTxD)
         return logits_BxTxV.astype(jnp.float32), new_cache
+
+
+def lm_head_logits(params, cfg: ModelConfig, h_BxTxD, h_dropped_BxTxD=None):
+    """float32 logits [B, T, V] of final hidden states, from the param tree: the same head as
+    Llama.__call__ (tied or not, with its LoRA), as a pure function that the loss can evaluate
+    chunk by chunk (jaxtune.step). h_dropped: the adapter's dropped input from `hidden_only=True`."""
+    dtype = DTYPES[cfg.compute_dtype]
+    if cfg.tie_word_embeddings:
+        kernel_DxV = params["model"]["embed_tokens"]["embedding"].T
+    else:
+        kernel_DxV = params["lm_head"]["kernel"]
+    head_lora = lora_for(cfg, "lm_head")
+    if head_lora is None:
+        logits_BxTxV = dense(h_BxTxD, kernel_DxV, None, dtype=dtype)
+    else:
+        head = params["lm_head"]
+        logits_BxTxV = lora_dense(h_BxTxD, kernel_DxV, None, head["lora_a"], head["lora_b"], h_dropped_BxTxD,
+                                  scaling=head_lora.scaling, dtype=dtype)
+    return logits_BxTxV.astype(jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:

@@ -1,0 +1,278 @@
+"""Hand-written gradients (jaxtune.models.kernels) and the chunked loss (jaxtune.step) against
+jax.grad of the plain math they replace: float32 round-off only."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxtune import lora, step
+from jaxtune.models import llama
+from jaxtune.models.kernels import dense, lora_dense
+
+B, T, D, O, R = 2, 5, 12, 7, 3
+SCALING = 2.5
+KEEP = 0.8
+
+
+def arrays(seed=0, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    return {"x": jax.random.normal(keys[0], (B, T, D), dtype),
+            "kernel": jax.random.normal(keys[1], (D, O), dtype) * 0.3,
+            "bias": jax.random.normal(keys[2], (O,), dtype),
+            "a": jax.random.normal(keys[3], (D, R), jnp.float32) * 0.3,
+            "b": jax.random.normal(keys[4], (R, O), jnp.float32) * 0.3,
+            "keep": jax.random.bernoulli(keys[5], KEEP, (B, T, D))}
+
+
+def dropped(x, keep):  # flax nn.Dropout's arithmetic
+    return jax.lax.select(keep, x / KEEP, jnp.zeros_like(x))
+
+
+def plain(x, kernel, bias, a, b, keep, dtype):
+    """The math lora_dense replaces, on 3-D inputs, as Linear computed it before."""
+    xd = x if keep is None else dropped(x, keep)
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype)) if kernel is not None else 0.0
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y + (xd.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype) * SCALING
+
+
+def fast(x, kernel, bias, a, b, keep, dtype):
+    xd = None if keep is None else dropped(x, keep)
+    return lora_dense(x, kernel, bias, a, b, xd, scaling=SCALING, dtype=dtype)
+
+
+def value_and_grads(fn, p, with_kernel, with_bias, with_dropout, dtype):
+    keep = p["keep"] if with_dropout else None
+    cotangent = jax.random.normal(jax.random.key(9), (B, T, O), jnp.float32).astype(dtype)
+
+    def f(x, kernel, bias, a, b):
+        return fn(x, kernel, bias, a, b, keep, dtype)
+
+    @jax.jit
+    def y_and_cotangents(*inputs):
+        y, vjp = jax.vjp(f, *inputs)
+        return y, vjp(cotangent)
+
+    return y_and_cotangents(p["x"], p["kernel"] if with_kernel else None, p["bias"] if with_bias else None,
+                            p["a"], p["b"])
+
+
+def assert_close(actual, expected, rtol):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    scale = np.max(np.abs(expected)) + 1e-30
+    assert np.max(np.abs(actual - expected)) / scale < rtol
+
+
+@pytest.mark.parametrize("with_kernel,with_bias", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_lora_dense_gradients_equal_autodiff_of_the_plain_math(with_kernel, with_bias, with_dropout):
+    p = arrays()
+    y_fast, grads_fast = value_and_grads(fast, p, with_kernel, with_bias, with_dropout, jnp.float32)
+    y_ref, grads_ref = value_and_grads(plain, p, with_kernel, with_bias, with_dropout, jnp.float32)
+    assert_close(y_fast, y_ref, 1e-6)
+    for name, g_fast, g_ref in zip(("x", "kernel", "bias", "a", "b"), grads_fast, grads_ref):
+        if g_ref is None:
+            assert g_fast is None, name
+        else:
+            assert_close(g_fast, g_ref, 1e-5)
+    if not with_dropout:  # the adapter reads x itself: its gradient reaches x
+        assert float(jnp.abs(grads_fast[0]).max()) > 0
+
+
+def test_lora_dense_bf16_compute_with_f32_adapters_returns_each_cotangent_in_its_own_dtype():
+    p = arrays(dtype=jnp.bfloat16)
+    assert p["a"].dtype == jnp.float32 and p["x"].dtype == jnp.bfloat16
+    y_fast, grads_fast = value_and_grads(fast, p, True, True, True, jnp.bfloat16)
+    y_ref, grads_ref = value_and_grads(plain, p, True, True, True, jnp.bfloat16)
+    assert y_fast.dtype == jnp.bfloat16
+    assert [g.dtype for g in grads_fast] == [jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
+    assert_close(y_fast, y_ref, 1e-2)
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        assert_close(g_fast, g_ref, 2e-2)  # bf16 round-off; both compute in bf16
+
+
+def test_dense_equals_the_3d_dot_and_its_gradients():
+    p = arrays()
+
+    def ref(x, kernel, bias):
+        return jnp.dot(x, kernel) + bias
+
+    def new(x, kernel, bias):
+        return dense(x, kernel, bias, dtype=jnp.float32)
+
+    cot = jax.random.normal(jax.random.key(3), (B, T, O))
+    for (y1, g1), (y2, g2) in [(jax.vjp(new, p["x"], p["kernel"], p["bias"])[0:2],
+                                jax.vjp(ref, p["x"], p["kernel"], p["bias"])[0:2])]:
+        assert_close(y1, y2, 1e-6)
+        for a, b in zip(g1(cot), g2(cot)):
+            assert_close(a, b, 1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The modules and the chunked loss on a tiny model
+
+
+def tiny_config(tied: bool, targets=llama.ALL_TARGETS, dropout=0.0):
+    return llama.ModelConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
+                             num_kv_heads=2, head_dim=4, tie_word_embeddings=tied, qkv_bias=True,
+                             lora=llama.LoRAConfig(rank=2, alpha=4.0, dropout=dropout, targets=tuple(targets)))
+
+
+def random_params(cfg, seed=0):
+    """Init params with every adapter b random too (PEFT inits b to zero: no gradient to a then)."""
+    tokens = jnp.zeros((1, 3), jnp.int32)
+    params = llama.Llama(cfg).init(jax.random.key(seed), tokens, tokens, tokens + 1)["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape)
+                                                  for leaf, k in zip(leaves, keys)])
+
+
+def tiny_batch(cfg, batch=3, length=11, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.vocab_size, (batch, length + 1)).astype(np.int32)
+    mask = (rng.random((batch, length)) < 0.7).astype(np.float32)
+    segments = np.ones((batch, length), np.int32)
+    segments[0, 6:] = 2  # a packed row
+    segments[1, 9:] = 0  # padding
+    mask[1, 9:] = 0
+    positions = np.where(segments[0] == 2, np.arange(length) - 6, np.arange(length))
+    positions = np.stack([positions] + [np.arange(length)] * (batch - 1)).astype(np.int32)
+    return {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+            "loss_mask": jnp.asarray(mask), "positions": jnp.asarray(positions),
+            "segment_ids": jnp.asarray(segments)}
+
+
+def unchunked_loss(params, cfg, batch):
+    """The loss as it was: full [B, T, V] logits from Llama.__call__, then CE."""
+    logits, _ = llama.Llama(cfg).apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * batch["loss_mask"])
+
+
+# 2 positions of [3, 97] logits per chunk: 6 chunks of 11 positions padded to 12; 10**9: one chunk.
+@pytest.mark.parametrize("tied,chunk_logits,full_finetune", [
+    (True, 2 * 3 * 97, False), (False, 2 * 3 * 97, True), (True, 10**9, True), (False, 10**9, False)])
+def test_chunked_loss_equals_the_unchunked_loss_and_gradient(monkeypatch, tied, chunk_logits, full_finetune):
+    """Every adapter kind (7 linears with q/k/v bias, embedding, lm_head tied or not) and, in full
+    fine-tuning, every kernel's cotangent through the hand-written VJP too."""
+    cfg = tiny_config(tied)
+    trainable, frozen = lora.split_trainable(random_params(cfg), full_finetune=full_finetune)
+    batch = tiny_batch(cfg)
+    monkeypatch.setattr(step, "LOSS_CHUNK_LOGITS", chunk_logits)
+
+    def chunked(trainable):
+        return step.summed_loss(trainable, frozen, batch, cfg, jax.random.key(0), True)[0]
+
+    loss, grads = jax.jit(jax.value_and_grad(chunked))(trainable)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(
+        lambda tr: unchunked_loss(lora.merge_trees(tr, frozen), cfg, batch)))(trainable)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(ref_grads)
+    for g, g_ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        assert_close(g, g_ref, 1e-5)
+    assert float(jnp.abs(grads["lm_head"]["lora_a"]).max()) > 0  # the head's adapter is trained
+    assert jax.jit(step.summed_loss, static_argnums=(3, 5))(
+        trainable, frozen, batch, cfg, jax.random.key(0), True)[1] == batch["loss_mask"].sum()
+
+
+def test_embedding_adapter_gradients_equal_autodiff_of_the_3d_math():
+    cfg = tiny_config(tied=True)
+    embed = llama.Embed(cfg.vocab_size, cfg.hidden_size, cfg.lora, jnp.float32, jnp.float32)
+    tokens = tiny_batch(cfg)["tokens"]
+    params = random_params_of(embed, tokens)
+    cot = jax.random.normal(jax.random.key(4), (*tokens.shape, cfg.hidden_size))
+
+    def plain_embed(p):
+        return p["embedding"][tokens] + (p["lora_a"][tokens] @ p["lora_b"]) * cfg.lora.scaling
+
+    y, vjp = jax.vjp(lambda p: embed.apply({"params": p}, tokens), params)
+    y_ref, vjp_ref = jax.vjp(plain_embed, params)
+    assert_close(y, y_ref, 1e-6)
+    for g, g_ref in zip(jax.tree_util.tree_leaves(vjp(cot)), jax.tree_util.tree_leaves(vjp_ref(cot))):
+        assert_close(g, g_ref, 1e-5)
+
+
+def random_params_of(module, *inputs):
+    params = module.init(jax.random.key(0), *inputs)["params"]
+    keys = jax.random.split(jax.random.key(1), len(params))
+    return {name: value + 0.3 * jax.random.normal(k, value.shape) for (name, value), k in zip(params.items(), keys)}
+
+
+def test_chunked_cross_entropy_with_a_dropped_head_input_equals_the_plain_math():
+    """The head adapter multiplies its dropped input (same mask), chunked or not."""
+    rng = np.random.default_rng(0)
+    V = 13
+    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    keep = jnp.asarray(rng.random((B, T, D)) < KEEP)
+    w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    a = jnp.asarray(rng.normal(size=(D, R)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(R, V)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    mask = jnp.asarray(rng.random((B, T)) < 0.6, jnp.float32)
+
+    def chunked(h, w, a, b):
+        logits_fn = lambda hc, hdc: lora_dense(hc, w, None, a, b, hdc, scaling=SCALING, dtype=jnp.float32)
+        return step.chunked_cross_entropy_sum(logits_fn, h, dropped(h, keep), targets, mask, chunk=2)
+
+    def reference(h, w, a, b):
+        logits = h @ w + (dropped(h, keep) @ a) @ b * SCALING
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
+
+    value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2, 3)))(h, w, a, b)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2, 3)))(h, w, a, b)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for g, g_ref in zip(grads, ref_grads):
+        assert_close(g, g_ref, 1e-5)
+
+
+def test_module_dropout_feeds_the_adapter_only():
+    """With dropout on, Linear's output is x W + b + s (dropout(x) a) b: the frozen path is unmasked."""
+    lora_cfg = llama.LoRAConfig(rank=R, alpha=R * SCALING, dropout=0.5)
+    layer = llama.Linear(O, True, lora_cfg, jnp.float32, jnp.float32, deterministic=False)
+    x = arrays()["x"]
+    variables = layer.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    params = jax.tree_util.tree_map(lambda v: v + 0.5, variables["params"])
+    y = layer.apply({"params": params}, x, rngs={"dropout": jax.random.key(2)})
+    base = x @ params["kernel"] + params["bias"]
+    delta = y - base  # = s (x_dropped a) b; x_dropped is x / keep or 0 per element
+    assert not np.allclose(delta, (x @ params["lora_a"]) @ params["lora_b"] * SCALING, atol=1e-3)
+    no_lora = dataclasses.replace(lora_cfg, dropout=0.0)
+    y_nodrop = llama.Linear(O, True, no_lora, jnp.float32, jnp.float32, deterministic=False).apply(
+        {"params": params}, x)
+    np.testing.assert_allclose(y_nodrop, base + (x @ params["lora_a"]) @ params["lora_b"] * SCALING, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_and_its_gradients_equal_dot_product_attention(dtype):
+    """GQA (6 heads over 2 kv heads), a packed row, a padded row (fully masked queries), causal."""
+    from jaxtune.models.attention import attention
+
+    Bq, Tq, H, K, Dh = 2, 9, 6, 2, 4
+    keys = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(keys[0], (Bq, Tq, H, Dh), dtype)
+    k = jax.random.normal(keys[1], (Bq, Tq, K, Dh), dtype)
+    v = jax.random.normal(keys[2], (Bq, Tq, K, Dh), dtype)
+    dout = jax.random.normal(keys[3], (Bq, Tq, H, Dh), dtype)
+    segments = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0, 0]], jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(Tq), (Bq, Tq))
+    mask = llama.attention_mask(slots, segments, slots, segments, None)
+
+    def ours(q, k, v):
+        return attention(q, k, v, mask, 0.5)
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.5)
+
+    out, vjp = jax.jit(lambda *a: jax.vjp(ours, *a))(q, k, v)
+    ref_out, ref_vjp = jax.jit(lambda *a: jax.vjp(reference, *a))(q, k, v)
+    rtol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert_close(out, ref_out, rtol)
+    for g, g_ref in zip(vjp(dout), ref_vjp(dout)):
+        assert_close(g, g_ref, rtol)
