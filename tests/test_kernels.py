@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from jaxtune import lora, step
+from jaxtune import params as params_lib
 from jaxtune.models import llama
 from jaxtune.models.kernels import dense, lora_dense
 
@@ -172,7 +173,7 @@ def test_chunked_loss_equals_the_unchunked_loss_and_gradient(monkeypatch, tied, 
 
     loss, grads = jax.jit(jax.value_and_grad(chunked))(trainable)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(
-        lambda tr: unchunked_loss(lora.merge_trees(tr, frozen), cfg, batch)))(trainable)
+        lambda tr: unchunked_loss(params_lib.merge_trees(tr, frozen), cfg, batch)))(trainable)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(ref_grads)
     for g, g_ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):

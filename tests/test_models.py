@@ -67,6 +67,7 @@ def test_evaluation_and_generation_ignore_lora_dropout(tiny_models):
     import jax
 
     from jaxtune import generate, lora, step
+    from jaxtune import params as params_lib
     from jaxtune.models.llama import Llama
     from test_step import synthetic_batch
 
@@ -77,7 +78,7 @@ def test_evaluation_and_generation_ignore_lora_dropout(tiny_models):
     # Every adapter non-zero (a fresh lora_b is zero: dropout before it could not show).
     adapters = jax.tree_util.tree_unflatten(treedef, [0.1 * jax.random.normal(k, s.shape, s.dtype)
                                                       for k, s in zip(keys, shapes)])
-    params = lora.merge_trees(model.params, adapters)
+    params = params_lib.merge_trees(model.params, adapters)
     tokens, mask = pad_rows(ragged_rows(3, 256, [10, 6]))
 
     logits = {rate: api.logits(model, tokens, attention_mask=mask, params=params, lora=c) for rate, c in configs.items()}
