@@ -103,8 +103,12 @@ def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
             log.info("writing the full embedding layers into the adapter: %s", reason)
             embedding_layers = params_lib.overlay(hf.base_embedding_layers(folder, base_cfg), trained_other)
             workdir_lib.check_fits(embedding_layers, cfg.replace(lora=None), "the embedding layers")
+        if dtype is not None:  # float32 (what training keeps and peft saves) unless asked otherwise
+            adapters = params_lib.cast_tree(adapters, hf.EXPORT_DTYPES[dtype])
+            embedding_layers = params_lib.cast_tree(embedding_layers, hf.EXPORT_DTYPES[dtype]) \
+                if embedding_layers is not None else None
         return peft_io.save_peft_adapter(adapters, cfg, out, peft_base_name(model_path, folder), tokenizer,
-                                 embedding_layers, overwrite)
+                                         embedding_layers, overwrite)
 
     base = {} if lora_cfg is None else hf.load_params(folder, base_cfg, allow_pickle=bool(run.model.allow_pickle))
     params = params_lib.overlay(base, trained)
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="output folder (default WORKDIR/exports/FORMAT-stepN)")
     parser.add_argument("--step", default="last", help="last | best (lowest eval loss) | a step number")
     parser.add_argument("--dtype", default=None, choices=tuple(hf.EXPORT_DTYPES),
-                        help="merged weights dtype (default: the base model's)")
+                        help="weights dtype: merged, default the base model's; peft, default float32 (the "
+                             "adapters as trained)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--save_embedding_layers", action="store_true",
                         help="peft: also write the full embedding / lm_head matrices (as peft's save_embedding_layers"

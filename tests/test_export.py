@@ -377,6 +377,29 @@ def test_peft_export_of_a_run_without_new_tokens_leaves_the_base_embedding_out(t
         export.export_run(tmp_path / "run", "merged", save_embedding_layers=True)
 
 
+def test_peft_export_keeps_float32_adapters_unless_dtype_asks(tiny_models, tmp_path):
+    """Adapters train in float32 whatever model.dtype: the PEFT export writes them so (as peft saves);
+    --dtype=bfloat16 halves the file, and peft still loads it."""
+    from safetensors import safe_open
+
+    folder = tiny_models("smollm2")[0]
+    model = api.load(str(folder), with_tokenizer=False)
+    lora_cfg = lora.lora_config(4, 8.0, 0.0, "all-linear", rslora=False)
+    adapters = random_adapters(model.cfg.replace(lora=lora_cfg), seed=8)
+    write_run(tmp_path / "run", folder, lora_cfg, {3: (adapters, 1.0)}, {"model": {"dtype": "bfloat16"}})
+
+    def tensor_dtypes(adapter_dir):
+        with safe_open(str(adapter_dir / peft_io.ADAPTER_WEIGHTS), "np") as f:
+            return {str(f.get_tensor(name).dtype) for name in f.keys()}
+
+    assert tensor_dtypes(export.export_run(tmp_path / "run", "peft")) == {"float32"}
+    half = export.export_run(tmp_path / "run", "peft", out=tmp_path / "bf16", dtype="bfloat16")
+    with safe_open(str(half / peft_io.ADAPTER_WEIGHTS), "pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    peft_model = peft.PeftModel.from_pretrained(fresh_hf_model(folder), str(half)).eval()
+    np.testing.assert_allclose(torch_logits(peft_model), jaxtune_adapter_logits(model, adapters, lora_cfg), atol=2e-2)
+
+
 def test_peft_export_writes_new_token_rows_when_the_table_kept_its_size(tiny_models, tmp_path):
     """data.add_tokens decides, not the table size: a model with spare rows (Qwen) gives new tokens
     rows it already had, and those trained rows must travel in the adapter."""
