@@ -143,7 +143,7 @@ def moved_fraction(before, after, leaf_name: str) -> float:
     """Share of the entries of every `leaf_name` leaf that differ between two trees."""
     moved = total = 0
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree_util.tree_leaves(after)):
-        if lora.path_of(path)[-1] == leaf_name:
+        if params_lib.path_of(path)[-1] == leaf_name:
             moved += int(np.sum(np.asarray(a) != np.asarray(b)))
             total += a.size
     assert total, f"no {leaf_name} leaves"

@@ -192,7 +192,7 @@ def test_interrupted_run_resumes_bit_identical_to_an_uninterrupted_one(tiny_chat
     assert_states_identical(final, stored_state(tmp_path / "uninterrupted", 4))  # params, Adam state, rng, step
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(resumed.params)[0],
                             jax.tree_util.tree_leaves(uninterrupted.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=checkpoint._leaf_path(path))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=params_lib.path_str(path))
     at_step_2 = stored_state(interrupted, 2)  # steps 3 and 4 did move the adapters
     assert any(not np.array_equal(at_step_2[k], final[k]) for k in final if k.startswith("params/"))
 
@@ -221,7 +221,7 @@ def test_full_finetuning_with_bfloat16_dtype_trains_float32_master_weights(tiny_
     moved = total = 0
     for (path, trained), initial in zip(jax.tree_util.tree_flatten_with_path(result.params)[0],
                                         jax.tree_util.tree_leaves(source)):
-        if checkpoint._leaf_path(path).endswith("kernel"):
+        if params_lib.path_str(path).endswith("kernel"):
             trained = np.asarray(trained)
             moved += int(np.sum(trained != np.asarray(initial).astype(trained.dtype)))
             total += trained.size
