@@ -59,8 +59,6 @@ class RunResult:
     cfg: ModelConfig
 
 
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
     # ---- Validate: the whole config, before any compute ---------------------------------------
     config_lib.validate(config, jax.device_count())
@@ -117,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
 
     # ---- Artifacts: the "after" figures, reports/summary.json ----------------------------------
     trained = end.state["params"]
-    eval_after = end.eval_metrics or held_out_loss(trained)  # None only when resuming a finished run
+    eval_after = end.eval_metrics or held_out_loss(trained)  # a resumed finished run ran no step: evaluate it
     if eval_after:
         log.info("eval after training: loss %.4f, perplexity %.2f", eval_after["loss"], eval_after["perplexity"])
     task_after = task_score(trained)
@@ -160,6 +158,8 @@ def model_source(config: ml_collections.ConfigDict) -> ModelSource:
 
 @dataclasses.dataclass
 class TrainingData:
+    """The tokenized datasets, the training batches and their step count, the task's scoring examples."""
+
     datasets: data_lib.Datasets
     batcher: data_lib.Batcher  # this process's rows of each global training batch, resumable
     num_steps: int
@@ -326,7 +326,7 @@ def diverged(loss: float, step_num: int, config, checkpointer: checkpoint.Checkp
 
 
 # ============================================================================================
-# Pieces
+# Config, evaluation, adapters: the pieces the sections use
 
 
 def resolve_data_spec(spec: str, split: str) -> str:
@@ -386,7 +386,6 @@ def task_scores(config, cfg: ModelConfig, tokenizer, folder, trainable, frozen, 
     model = LoadedModel(base_cfg, params_lib.merge_trees(frozen, trainable), tokenizer, folder)
     return evaluate.task_accuracy(model, config.train.task, task_examples, params=model.params, lora=cfg.lora,
                                   max_new_tokens=config.train.task_max_new_tokens, template=config.data.template)
-
 
 
 def write_summary(result: RunResult, config) -> None:

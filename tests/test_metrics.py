@@ -78,7 +78,7 @@ def test_token_rate_counts_since_the_last_reset():
     assert rate.tokens == 0 and rate.per_second() == 0
 
 
-def test_progress_bar_advances_to_the_logged_step(capsys):
+def test_progress_bar_advances_to_the_logged_step():
     bar = metrics.ProgressBar(total=10, start=2, enabled=True)
     bar.update(5, {"loss": 1.2345, "lr": 3e-4, "tokens_per_s": 812.0})
     assert bar.bar.n == 5 and bar.position == 5
