@@ -38,7 +38,9 @@ from jaxtune.hf import load_tokenizer
 from jaxtune.loading import LoadedModel
 from jaxtune.models.llama import ModelConfig
 
-log = logging.getLogger(__name__)
+# Named, not __name__: run as `python -m jaxtune.train` this module is `__main__`, a logger outside
+# "jaxtune" whose INFO records jaxtune.setup_logging does not show.
+log = logging.getLogger("jaxtune.train")
 
 
 class TrainingError(JaxtuneError, RuntimeError):
