@@ -9,8 +9,8 @@ ids, every token real, loss on every position), same optimizer (AdamW b1/b2/eps/
 and global-norm clipping from jaxtune.config.base_config().optim) on both sides, for
   * lora: r 8, alpha 16, dropout 0, on q,k,v,o,gate,up,down (all linear layers; base frozen);
   * full: every parameter trained.
-jaxtune: hf.load_params (+ lora.init_adapters), lora.split_trainable, optim.optimizer,
-step.init_state, jax.jit(step.train_step, donate_argnums=0); compile and warm-up steps are timed
+jaxtune: hf.load_params (+ lora.init_adapters), state.build (trainable/frozen split, optim.optimizer,
+the state sharded over the process's devices), jax.jit(step.train_step, donate_argnums=0); compile and warm-up steps are timed
 apart; the compiled step's memory_analysis (argument/output/temp bytes) is reported.
 HF: LlamaForCausalLM.from_pretrained(dtype=float32) (+ peft.get_peft_model(LoraConfig(...))),
 torch.optim.AdamW over the trainable params, loss = model(input_ids, labels=input_ids).loss,
@@ -109,8 +109,9 @@ def run_jaxtune(args, mode: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxtune import hf, lora, optim, step
+    from jaxtune import hf, lora, sharding, step
     from jaxtune import params as params_lib
+    from jaxtune import state as state_lib
     from jaxtune.config import base_config
 
     full = mode == "full"
@@ -121,13 +122,13 @@ def run_jaxtune(args, mode: str) -> dict:
     params = hf.load_params(folder, cfg)
     if not full:
         params = params_lib.merge_trees(params, lora.init_adapters(cfg, jax.random.key(1)))
-    trainable, frozen = lora.split_trainable(params, full_finetune=full)
+    config = base_config()  # its optim section; the state as jaxtune.train builds it, on this process's devices
+    config.lora.enabled, config.lora.rank, config.train.seed = not full, args.rank, 0
+    mesh = sharding.make_mesh("1,-1,1")
+    built = state_lib.build(config, params, mesh, sharding.make_rules(""), args.warmup + args.steps)
     del params
-    optim_cfg = base_config().optim
-    total = args.warmup + args.steps
-    tx = optim.optimizer(optim_cfg, total, full_finetune=full)
-    state = step.init_state(trainable, tx, seed=0)
-    del trainable
+    state, frozen, tx = built.state, built.frozen, built.tx
+    del built
     ids = synthetic_tokens(args.batch, args.seq, cfg.vocab_size)
     batch = {
         "tokens": jnp.asarray(ids[:, :-1]),

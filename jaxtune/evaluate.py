@@ -56,7 +56,7 @@ from jaxtune.loading import LoadedModel, load_with_info
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import LoRAConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("jaxtune.evaluate")  # not __name__: that is "__main__" under python -m
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "evaluate_data"
 GENERAL_PROMPTS = DATA_DIR / "general_prompts.jsonl"

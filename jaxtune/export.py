@@ -33,7 +33,7 @@ from jaxtune import workdir as workdir_lib
 from jaxtune.errors import JaxtuneError
 from jaxtune.hf import ExportError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("jaxtune.export")  # not __name__: that is "__main__" under python -m
 
 
 def embedding_layers_reason(run: ml_collections.ConfigDict, trained_other: dict, save_embedding_layers: bool) -> str | None:

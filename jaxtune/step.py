@@ -6,7 +6,7 @@ Gradient accumulation scans over micro-batches, summing un-normalised gradients 
 counts, and divides once at the end: k micro-batches give the same update as one batch k times
 larger. Only the trainable subtree is differentiated: frozen weights are a constant argument and
 have neither gradients nor optimizer buffers. The trainable leaves are float32 master weights
-(jaxtune.train), so gradients are accumulated, and Adam's moments kept, in float32 whatever
+(jaxtune.state), so gradients are accumulated, and Adam's moments kept, in float32 whatever
 model.dtype; the forward casts every param to model.compute_dtype.
 """
 
@@ -80,7 +80,7 @@ def split_micro_batches(batch, num_micro: int):
 
 
 def train_step(state, frozen, batch, *, cfg: ModelConfig, tx: optax.GradientTransformation, grad_accum: int):
-    """One optimizer step. state = {step, params (trainable), opt_state, rng}; returns (state, metrics)."""
+    """One optimizer step. state = {step, params (trainable), opt_state, rng} (jaxtune.state); returns (state, metrics)."""
     rng, step_rng = jax.random.split(state["rng"])
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
     micro = split_micro_batches(batch, grad_accum)
@@ -111,7 +111,3 @@ def eval_step(trainable, frozen, batch, *, cfg: ModelConfig):
     """(sum of masked CE, target tokens) of one eval batch, dropout off."""
     return summed_loss(trainable, frozen, batch, cfg, jax.random.key(0), True)
 
-
-def init_state(trainable, tx: optax.GradientTransformation, seed: int):
-    return {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable),
-            "rng": jax.random.key(seed)}

@@ -16,7 +16,7 @@ INTERNAL = {"jaxtune.tasks.sql.QueryError", "jaxtune.tasks.viggo.MRError"}
 
 # The built-in base each user-facing error had before JaxtuneError: `except ValueError` etc. still catch it.
 BUILT_IN_BASES = {
-    "jaxtune.checkpoint.CheckpointError": OSError,
+    "jaxtune.checkpoint.disk.CheckpointError": OSError,
     "jaxtune.config.ConfigError": ValueError,
     "jaxtune.data.sources.DataError": ValueError,
     "jaxtune.errors.MissingPackageError": ImportError,

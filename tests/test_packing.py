@@ -98,7 +98,7 @@ def test_packed_training_runs_end_to_end_and_counts_real_tokens(tiny_chat_model,
     import time
     import types
 
-    from jaxtune import train
+    from jaxtune import metrics, train
 
     config = tiny_config()
     config.model.path = str(tiny_chat_model)
@@ -109,7 +109,7 @@ def test_packed_training_runs_end_to_end_and_counts_real_tokens(tiny_chat_model,
     config.train.steps = 3
     # tokens/s = non-pad tokens fed per second: check the count by freezing the clock at 1 s per window.
     clock = iter(float(t) for t in range(1000))
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: next(clock), time=time.time))
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: next(clock), time=time.time))
     fed = []
     real_batcher = data.Batcher
 

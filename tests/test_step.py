@@ -9,6 +9,7 @@ import pytest
 
 from jaxtune import api, config as config_lib, lora, optim, step
 from jaxtune import params as params_lib
+from jaxtune import state as state_lib
 
 
 def synthetic_batch(batch_size, seq_len, vocab, seed=0):
@@ -36,7 +37,7 @@ def setup(tiny_models, full_finetune, grad_accum=1, family="smollm2", targets="a
         params = params_lib.merge_trees(params, lora.init_adapters(cfg, jax.random.key(0)))
     trainable, frozen = lora.split_trainable(params, full_finetune)
     tx = optim.optimizer(optim_cfg, 10, full_finetune)
-    state = step.init_state(trainable, tx, seed=0)
+    state = state_lib.init(trainable, tx, seed=0)
     train_fn = jax.jit(functools.partial(step.train_step, cfg=cfg, tx=tx, grad_accum=grad_accum))
     return model, cfg, state, frozen, train_fn, tx
 
@@ -72,7 +73,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_models, full_finetun
     batch = synthetic_batch(8, 16, 256, seed=3)
     _, cfg, state, frozen, _, _ = setup(tiny_models, full_finetune)
     sgd = optax.sgd(1.0)
-    state = step.init_state(state["params"], sgd, seed=0)
+    state = state_lib.init(state["params"], sgd, seed=0)
     results = {}
     for accum in (1, 4):
         fn = jax.jit(functools.partial(step.train_step, cfg=cfg, tx=sgd, grad_accum=accum))
@@ -189,7 +190,7 @@ def test_training_dropout_is_reproducible_for_a_seed_and_acts(tiny_models):
     """Two runs with dropout 0.5 and the same seed are bit-identical; another seed or dropout 0 differ."""
     def adapters_after_two_steps(dropout, seed=0):
         _, _, state, frozen, train_fn, tx = setup(tiny_models, False, targets="all-linear", dropout=dropout)
-        state = step.init_state(state["params"], tx, seed=seed)  # the rng of the dropout masks
+        state = state_lib.init(state["params"], tx, seed=seed)  # the rng of the dropout masks
         for i in range(2):
             state, _ = train_fn(state, frozen, synthetic_batch(4, 16, 256, seed=i))
         return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(state["params"])]

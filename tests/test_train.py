@@ -232,20 +232,3 @@ def test_full_finetuning_with_bfloat16_dtype_trains_float32_master_weights(tiny_
     assert any(key.startswith("opt_state/") for key in float_leaves)
     assert set(float_leaves.values()) == {"float32"}, float_leaves
 
-
-def test_master_weights_are_float32_copies_in_the_same_sharding():
-    """The path a LoRA run with data.add_tokens takes over a bfloat16 base: its trained embedding table
-    becomes a float32 master weight, sharded as it was; float32 trees pass through uncast."""
-    from jaxtune import sharding
-
-    mesh = sharding.make_mesh("1,-1,1")
-    place = sharding.place_fn(mesh)
-    embedding = np.random.default_rng(0).normal(size=(64, 16)).astype(jnp.bfloat16)
-    trainable = {"model": {"embed_tokens": {"embedding": place(("model", "embed_tokens", "embedding"), embedding)},
-                           "norm": {"scale": place(("model", "norm", "scale"), np.ones(16, np.float32))}}}
-    master = train.as_master_weights(trainable)
-    for path in (("embed_tokens", "embedding"), ("norm", "scale")):
-        before, after = trainable["model"][path[0]][path[1]], master["model"][path[0]][path[1]]
-        assert after.dtype == jnp.float32 and after.sharding == before.sharding, path
-        np.testing.assert_array_equal(np.asarray(after), np.asarray(before).astype(np.float32))
-    assert train.as_master_weights(master) is master

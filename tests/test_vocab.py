@@ -10,6 +10,7 @@ import numpy as np
 from conftest import require_reference, tiny_config, write_jsonl
 from jaxtune import api, config as config_lib, export, lora, optim, step, vocab
 from jaxtune import params as params_lib
+from jaxtune import state as state_lib
 
 TOKENS = "<|extract|>,<|done|>"
 
@@ -67,7 +68,7 @@ def test_lora_steps_train_only_the_new_rows_of_an_untied_model(tiny_models):
     optim_cfg = config_lib.base_config().optim
     optim_cfg.lr, optim_cfg.warmup_steps, optim_cfg.weight_decay = 1e-2, 0, 0.1  # decay must not move old rows
     tx = vocab.train_new_rows(optim.optimizer(optim_cfg, 5, False, train_embeddings=True), ext)
-    state = step.init_state(trainable, tx, seed=0)
+    state = state_lib.init(trainable, tx, seed=0)
     before = jax.tree_util.tree_map(np.array, trainable)
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, 258, (4, 12)).astype(np.int32)
