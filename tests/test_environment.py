@@ -70,3 +70,21 @@ def test_a_bad_jaxtune_log_value_is_one_clear_error(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "JAXTUNE_LOG='loud'" in result.stderr and "debug, info, warning, error" in result.stderr
 
+
+
+def test_command_modules_log_under_the_jaxtune_logger():
+    """`python -m jaxtune.X` runs module X as "__main__": a logger named by __name__ would sit outside
+    "jaxtune" (whose level setup_logging sets) and its info lines ("resumed from checkpoint step N",
+    "exporting step N ...") would vanish. Every module with a command line names its logger."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO_ROOT / "jaxtune").rglob("*.py")):
+        source = path.read_text()
+        if '__name__ == "__main__"' not in source:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "getLogger" and node.args
+                    and not (isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("jaxtune"))):
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert not offenders, f"name these loggers 'jaxtune.<module>', not __name__: {offenders}"
