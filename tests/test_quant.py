@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import random_adapters, require_reference, tiny_config, write_run
-from jaxtune import export, hf, loading, lora, sharding, state, step
+from jaxtune import export, generate, hf, loading, lora, sharding, state, step
 from jaxtune import config as config_lib
 from jaxtune import params as params_lib
 from jaxtune.models import quant
@@ -313,6 +313,16 @@ def test_loading_a_qlora_run_quantises_its_base_as_training_did(qlora_run, qmode
     assert params_lib.flat(params)[("model", "layers", "self_attn", "o_proj", "absmax_code")].dtype == jnp.uint8
     np.testing.assert_array_equal(np.asarray(params["model"]["layers"]["mlp"]["up_proj"]["nf4"]),
                                   np.asarray(trained["model"]["layers"]["mlp"]["up_proj"]["nf4"]))
+
+
+def test_greedy_generation_of_a_qlora_run_equals_the_float_model_over_its_dequantised_base(qlora_run):
+    workdir, _, _ = qlora_run
+    model, params, lora_cfg = loading.load_for_inference(None, workdir)
+    prompts = [[5, 17, 99], [64, 200, 31, 8, 3]]
+    ours = generate.generate(model, prompts, 6, eos_ids=[], params=params, lora=lora_cfg)
+    twin = loading.LoadedModel(model.cfg.replace(quant=None), float_twin(params), model.tokenizer, model.folder)
+    assert ours == generate.generate(twin, prompts, 6, eos_ids=[], lora=lora_cfg)
+    assert all(len(row) == 6 for row in ours)
 
 
 def torch_logits(folder, adapter_dir=None):
