@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import random_adapters, require_reference, tiny_config, write_run
-from jaxtune import export, generate, hf, loading, lora, sharding, state, step
+import shutil
+
+from conftest import random_adapters, require_reference, tiny_config, write_chat_jsonl, write_run
+from jaxtune import checkpoint, export, generate, hf, loading, lora, sharding, state, step, train, workdir
 from jaxtune import config as config_lib
 from jaxtune import params as params_lib
 from jaxtune.models import quant
@@ -134,7 +136,7 @@ def qmodel_folder(tmp_path_factory, chatml):
     torch = require_reference("torch")
     transformers = require_reference("transformers")
     folder = tmp_path_factory.mktemp("qlora_llama")
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                       tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -258,6 +260,27 @@ def test_sharded_leaves_carry_the_kernels_axes(qmodel_folder):
     assert shardings[(*layers, "self_attn", "q_proj", "absmax_scale")].spec == P(None, None)
     assert shardings[(*layers, "self_attn", "q_proj", "absmax_offset")].spec == P(None)
     assert shardings[("lm_head", "nf4")].spec == P("tensor", "fsdp")
+
+
+@pytest.mark.slow  # two short train.run calls: ~5 min on a loaded 2-core machine
+def test_a_qlora_training_run_checkpoints_adapters_only_and_resumes_to_the_same_adapters(qmodel_folder, tmp_path):
+    """train.run over an NF4 base, FSDP over the 8 simulated devices (packed kernels sharded), a
+    checkpoint every 2 of 4 steps; a rerun after losing step 4 resumes from step 2 to the same adapters."""
+    config = tiny_config(**{"model.path": str(qmodel_folder), "data.train": str(write_chat_jsonl(tmp_path / "t.jsonl")),
+                            "model.quantize": "nf4", "model.quantize_double": True, "lora.targets": "all-linear",
+                            "mesh.shape": "1,-1,1", "train.steps": 4, "checkpoint.every": 2, "checkpoint.keep": 5})
+    result = train.run(config, tmp_path / "run")
+    assert result.train_loss is not None and np.isfinite(result.train_loss)
+    saved = workdir.load_trained_params(tmp_path / "run", 4)
+    assert {path[-1] for path in params_lib.flat(saved)} == {"lora_a", "lora_b"}  # the NF4 base is not saved
+    assert any(path[-1] == "nf4" for path in params_lib.flat(result.frozen))
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    train.run(config, tmp_path / "resumed")
+    assert sorted(checkpoint.step_dirs(tmp_path / "resumed" / "checkpoints")) == [2, 4]
+    resumed = workdir.load_trained_params(tmp_path / "resumed", 4)
+    for path, leaf in params_lib.flat(saved).items():
+        np.testing.assert_array_equal(params_lib.flat(resumed)[path], leaf, err_msg=str(path))
 
 
 # --------------------------------------------------------------------------------------------
