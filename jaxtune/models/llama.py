@@ -9,6 +9,9 @@ leaf under `model/layers` carries a leading layer axis L.
 LoRA adapters live next to the kernel they adapt (`lora_a [in, r]`, `lora_b [r, out]`):
     y = x W + scaling * dropout(x) a b           (never materialises W + a b)
 Embedding LoRA follows PEFT's lora_embedding_A/B: `y = E[x] + scaling * a[x] b`.
+QLoRA (cfg.quant): a targeted Linear holds NF4 leaves instead of `kernel` (jaxtune/models/quant.py)
+and de-quantises them where the kernel is read; the layers are then rematerialised with the 'dots'
+policy, so the backward recomputes each layer's float kernel instead of keeping all of them.
 Adapters are float32 (`ADAPTER_DTYPE`) whatever `param_dtype`; every param, adapter or base, is cast
 to `compute_dtype` where it is used, so a float32 leaf (a master weight) runs over a bfloat16 base.
 
