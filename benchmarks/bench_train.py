@@ -1,14 +1,18 @@
 """Train-step speed and memory, jaxtune vs Hugging Face transformers + PEFT (torch), side by side on CPU.
 
     python benchmarks/bench_train.py [--model=smollm2-135m-instruct] [--batch=4 --seq=256] \
-        [--steps=5 --warmup=1 --repeats=3] [--modes=lora,full] [--frameworks=jaxtune,hf] \
+        [--steps=5 --warmup=1 --repeats=3] [--modes=lora,full,qlora] [--frameworks=jaxtune,hf] \
         [--threads=2] [--breakdown] [--json=FILE]
 
 Same model (the real weights of --model, float32), same synthetic batch ([batch, seq] random token
 ids, every token real, loss on every position), same optimizer (AdamW b1/b2/eps/lr/weight decay
 and global-norm clipping from jaxtune.config.base_config().optim) on both sides, for
   * lora: r 8, alpha 16, dropout 0, on q,k,v,o,gate,up,down (all linear layers; base frozen);
-  * full: every parameter trained.
+  * full: every parameter trained;
+  * qlora: the lora adapters over an NF4 base (blocks of 64, single
+    quantisation; model.quantize=nf4). HF's peer is PEFT over bitsandbytes' NF4 Linear4bit
+    (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", compute float32)`), which
+    bitsandbytes 0.50 runs on CPU (checked: forward, backward and the LoRA gradients).
 jaxtune: hf.load_params (+ lora.init_adapters), state.build (trainable/frozen split, optim.optimizer,
 the state sharded over the process's devices), jax.jit(step.train_step, donate_argnums=0); compile and warm-up steps are timed
 apart; the compiled step's memory_analysis (argument/output/temp bytes) is reported.
@@ -50,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile (HF: after load)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per (framework, mode)")
-    parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--modes", default="lora,full,qlora")
     parser.add_argument("--frameworks", default="jaxtune,hf")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
@@ -62,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = [m for m in args.modes.split(",") if m]
     args.frameworks = [f for f in args.frameworks.split(",") if f]
     for m in args.modes:
-        if m not in ("lora", "full"):
-            parser.error(f"--modes: unknown mode {m!r} (lora, full)")
+        if m not in ("lora", "full", "qlora"):
+            parser.error(f"--modes: unknown mode {m!r} (lora, full, qlora)")
     for f in args.frameworks:
         if f not in ("jaxtune", "hf"):
             parser.error(f"--frameworks: unknown framework {f!r} (jaxtune, hf)")
@@ -114,10 +118,14 @@ def run_jaxtune(args, mode: str) -> dict:
     from jaxtune import state as state_lib
     from jaxtune.config import base_config
 
+    from jaxtune.models.quant import QuantConfig
+
     full = mode == "full"
     folder = hf.resolve_model_dir(args.model)
     adapter = None if full else lora.lora_config(args.rank, args.alpha, 0.0, LORA_TARGETS, False)
-    cfg = hf.model_config_from_hf(folder, param_dtype="float32", compute_dtype="float32", lora=adapter)
+    quantized = QuantConfig(targets=tuple(LORA_TARGETS)) if mode == "qlora" else None
+    cfg = hf.model_config_from_hf(folder, param_dtype="float32", compute_dtype="float32", lora=adapter,
+                                  quant=quantized)
     t0 = time.perf_counter()
     params = hf.load_params(folder, cfg)
     if not full:
@@ -243,7 +251,13 @@ def run_hf(args, mode: str) -> dict:
     full = mode == "full"
     folder = hf.resolve_model_dir(args.model)
     t0 = time.perf_counter()
-    model = transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    if mode == "qlora":  # bitsandbytes' NF4 Linear4bit on CPU, as PEFT's QLoRA recipe loads it
+        nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=torch.float32)
+        model = transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                              quantization_config=nf4, device_map="cpu")
+    else:
+        model = transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     if not full:
         import peft
 

@@ -23,7 +23,8 @@ import ml_collections
 from jaxtune import lora as lora_lib
 from jaxtune import tasks
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.llama import DTYPES, REMAT_POLICIES
+from jaxtune.models.llama import DTYPES, LINEAR_TARGETS, REMAT_POLICIES
+from jaxtune.models.quant import QuantConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "messages", "prompt_completion", "text")
@@ -50,6 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"  # activation/matmul dtype (bfloat16 on GPU/TPU)
     c.model.remat = "none"  # none | full | dots | dots_no_batch (rematerialisation per layer)
     c.model.allow_pickle = False  # allow pickled pytorch_model.bin weights (runs pickle!)
+    # QLoRA: '' = none; nf4 = the frozen kernels of model.quantize_targets stored as 4-bit NormalFloat
+    # (blocks of 64, jaxtune/models/quant.py), dequantised inside each matmul; LoRA runs only
+    c.model.quantize = ""
+    c.model.quantize_targets = "all-linear"  # q,k,v,o,gate,up,down (all-linear); also lm_head (untied models)
+    c.model.quantize_double = False  # also quantise the absmax to 8 bits in blocks of 256 (bitsandbytes' nested)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = True  # False = full fine-tuning (every parameter trained)
@@ -213,6 +219,47 @@ def parse_mesh_shape(shape: Any) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
+QUANTIZE_KINDS = ("", "nf4")
+QUANTIZABLE = LINEAR_TARGETS + ("lm_head",)
+
+
+def quant_config(model: ml_collections.ConfigDict) -> QuantConfig | None:
+    """The QuantConfig of config.model (model.quantize*), or None when nothing is quantised."""
+    if not model.quantize:
+        return None
+    return QuantConfig(kind=model.quantize, targets=lora_lib.parse_targets(model.quantize_targets),
+                       double=bool(model.quantize_double))
+
+
+def _quantize_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The combinations model.quantize=nf4 supports, and a fix for each that it does not."""
+    m = config.model
+    if m.quantize not in QUANTIZE_KINDS:
+        return [f"model.quantize={m.quantize!r}: choose '' (no quantisation) or nf4"]
+    if not m.quantize:
+        return []
+    problems = []
+    try:
+        targets = lora_lib.parse_targets(m.quantize_targets)
+    except ValueError as e:
+        return [str(e).replace("lora.targets", "model.quantize_targets")]
+    unsupported = [t for t in targets if t not in QUANTIZABLE]
+    if unsupported:
+        problems.append(f"model.quantize_targets={m.quantize_targets!r}: {', '.join(unsupported)} cannot be quantised "
+                        f"(the embedding stays in model.dtype); choose from {', '.join(QUANTIZABLE)} or all-linear")
+    if not config.lora.enabled:
+        problems.append("model.quantize=nf4 with lora.enabled=False: a 4-bit base cannot be fully fine-tuned (QLoRA "
+                        "trains LoRA adapters over the frozen NF4 weights); set --config.lora.enabled=True, or "
+                        "--config.model.quantize='' to fine-tune every weight in float")
+    if "lm_head" in targets and config.data.add_tokens:
+        problems.append("model.quantize_targets includes lm_head and data.add_tokens adds tokens, whose lm_head rows "
+                        "are trained: leave lm_head out of model.quantize_targets")
+    if config.lora.get("dora", False):  # DoRA's magnitude needs the float column norms of each kernel
+        problems.append("model.quantize=nf4 with lora.dora=True is not supported: set --config.lora.dora=False "
+                        "(plain LoRA over the NF4 base) or --config.model.quantize=''")
+    return problems
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise one ConfigError listing every problem of `config` (values and combinations)."""
     check_known_keys(config)
@@ -227,6 +274,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {', '.join(DTYPES)}")
     need(m.compute_dtype in DTYPES, f"model.compute_dtype={m.compute_dtype!r}: choose one of {', '.join(DTYPES)}")
     need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    problems.extend(_quantize_problems(config))
     if lo.enabled:
         try:
             lora_lib.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora)

@@ -7,6 +7,15 @@ never typed twice, and writes with jaxtune.peft (adapters) or jaxtune.hf (merged
     python -m jaxtune.export --workdir=runs/lora_llama --format=merged --step=best --dtype=bfloat16
     python -m jaxtune.export --workdir=runs/full_llama --format=merged --out=/tmp/merged --overwrite
     python -m jaxtune.export --workdir=runs/lora_llama --format=peft --save_embedding_layers
+    python -m jaxtune.export --workdir=runs/qlora --format=merged --merge_base=original
+
+A QLoRA run (model.quantize=nf4) trained its adapters over the NF4-quantised base. Its PEFT adapter
+is written as for any LoRA run (peft applies it to the float base it is given). A merged export
+folds the adapters into `--merge_base`: `dequantized` (the default for such a run), the NF4 weights
+the run trained over, de-quantised to float: the merged model computes what the trained model
+computed; or `original`, the float weights of model.path, which is what peft's merge_and_unload over
+the float base gives, and which differs from the trained model by the quantisation error of every
+targeted kernel.
 
 Full embedding matrices (peft's `save_embedding_layers`) are written into a PEFT export only when
 the run extended the vocabulary (data.add_tokens) or when asked to (--save_embedding_layers). peft's
@@ -26,6 +35,7 @@ import sys
 import ml_collections
 
 import jaxtune
+from jaxtune import config as config_lib
 from jaxtune import hf, lora
 from jaxtune import params as params_lib
 from jaxtune import peft as peft_io
@@ -59,13 +69,35 @@ def peft_base_name(model_path: str, folder: pathlib.Path) -> str:
         else model_path
 
 
+MERGE_BASES = ("dequantized", "original")
+
+
+def merge_base_of(run: ml_collections.ConfigDict, fmt: str, merge_base: str | None) -> str:
+    """The base weights a merged export folds the adapters into: `merge_base` checked against the run,
+    or by default the one the run trained over (dequantized for model.quantize=nf4, else original)."""
+    quantized = bool(run.model.quantize)
+    if merge_base is None:
+        return "dequantized" if quantized else "original"
+    if merge_base not in MERGE_BASES:
+        raise ExportError(f"--merge_base={merge_base}: choose {' or '.join(MERGE_BASES)}")
+    if fmt != "merged":
+        raise ExportError("--merge_base applies to --format=merged (a PEFT adapter holds no base weights)")
+    if merge_base == "dequantized" and not quantized:
+        raise ExportError("--merge_base=dequantized: the run did not quantise its base (model.quantize is ''), so "
+                          "its base weights are the original ones: leave --merge_base out")
+    return merge_base
+
+
 def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, step: str | int = "last",
-               dtype: str | None = None, overwrite: bool = False, save_embedding_layers: bool = False) -> pathlib.Path:
+               dtype: str | None = None, overwrite: bool = False, save_embedding_layers: bool = False,
+               merge_base: str | None = None) -> pathlib.Path:
     """Export checkpoint `step` ('last', 'best' or a number) of the run in `workdir` as a PEFT adapter
     (fmt='peft') or a merged HF model (fmt='merged'); returns the output folder.
 
     save_embedding_layers: (peft) also write the full embedding / head matrices, as peft's
       save_embedding_layers=True does; they are written anyway when the run added tokens.
+    merge_base: (merged) 'dequantized' | 'original' (see the module docstring); None = the base the
+      run trained over.
     """
     if fmt not in ("peft", "merged"):
         raise ExportError(f"--format={fmt}: choose peft or merged")
@@ -73,6 +105,7 @@ def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         raise ExportError("--save_embedding_layers applies to --format=peft (a merged model holds every weight)")
     workdir = pathlib.Path(workdir)
     run = workdir_lib.read_run_config(workdir)
+    merge_base = merge_base_of(run, fmt, merge_base)
     lora_cfg = workdir_lib.run_lora_config(run)
     if fmt == "peft" and lora_cfg is None:
         raise ExportError(f"{workdir} is a full fine-tuning run (lora.enabled=false): it has no adapter to export "
@@ -110,7 +143,13 @@ def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         return peft_io.save_peft_adapter(adapters, cfg, out, peft_base_name(model_path, folder), tokenizer,
                                          embedding_layers, overwrite)
 
-    base = {} if lora_cfg is None else hf.load_params(folder, base_cfg, allow_pickle=bool(run.model.allow_pickle))
+    quantized = config_lib.quant_config(run.model) if merge_base == "dequantized" else None
+    base = {} if lora_cfg is None else hf.load_params(folder, base_cfg.replace(quant=quantized),
+                                                      allow_pickle=bool(run.model.allow_pickle))
+    if quantized is not None:
+        log.info("merging into the de-quantised NF4 base the run trained over (--merge_base=original: into the "
+                 "float weights of %s)", model_path)
+        base = hf.dequantized_params(base)
     params = params_lib.overlay(base, trained)
     workdir_lib.check_fits(params, cfg, "the base weights with the trained ones", complete=True)
     return hf.save_merged_model(params, cfg, out, tokenizer, folder, dtype, overwrite=overwrite)
@@ -130,11 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save_embedding_layers", action="store_true",
                         help="peft: also write the full embedding / lm_head matrices (as peft's save_embedding_layers"
                              "=True); written anyway when the run added tokens (data.add_tokens)")
+    parser.add_argument("--merge_base", default=None, choices=MERGE_BASES,
+                        help="merged export of a QLoRA run (model.quantize=nf4): fold the adapters into the "
+                             "dequantized NF4 base the run trained over (default; matches the trained model) or "
+                             "into the original float weights")
     args = parser.parse_args(argv)
     jaxtune.setup_logging()
     try:
         out = export_run(args.workdir, args.fmt, args.out or None, args.step, args.dtype, args.overwrite,
-                         args.save_embedding_layers)
+                         args.save_embedding_layers, args.merge_base)
     except JaxtuneError as e:  # the user can fix it: one message, no traceback
         log.error("%s", e)
         return 2

@@ -37,6 +37,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -46,6 +47,7 @@ import jaxtune
 from jaxtune import lora, smollm2
 from jaxtune import params as params_lib
 from jaxtune.errors import JaxtuneError
+from jaxtune.models import quant
 from jaxtune.models.llama import DTYPES, ModelConfig, abstract_params
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,7 @@ def model_config_from_hf(folder: str | os.PathLike, **overrides) -> ModelConfig:
         sliding_window = getattr(hf, "sliding_window", None)
     elif getattr(hf, "use_sliding_window", False):
         raise ModelError(f"{folder}/config.json: use_sliding_window=true (per-layer windows) is not supported")
-    return ModelConfig(
+    cfg = ModelConfig(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
         intermediate_size=hf.intermediate_size,
@@ -159,6 +161,10 @@ def model_config_from_hf(folder: str | os.PathLike, **overrides) -> ModelConfig:
         sliding_window=sliding_window,
         architecture=architecture,
     ).replace(**overrides)
+    if cfg.quant is not None and cfg.tie_word_embeddings and "lm_head" in cfg.quant.targets:
+        raise ModelError(f"{folder}/config.json: tied embeddings (tie_word_embeddings=true), so lm_head is the "
+                         f"embedding, which is not quantised: leave lm_head out of model.quantize_targets")
+    return cfg
 
 
 def _rope_parameters(hf) -> dict[str, Any]:
@@ -265,8 +271,8 @@ def param_path(hf_name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Base (non-LoRA) param path -> shape, from the model definition itself."""
-    return params_lib.shapes(abstract_params(cfg.replace(lora=None)))
+    """Base (non-LoRA, float) param path -> shape, from the model definition itself."""
+    return params_lib.shapes(abstract_params(cfg.replace(lora=None, quant=None)))
 
 
 def load_params(
@@ -279,6 +285,8 @@ def load_params(
 
     `place(path, array)` puts each finished leaf on devices (default: jnp.asarray on the default
     device); the sharding module passes one that puts each leaf straight into its sharding.
+    With cfg.quant (model.quantize=nf4) each targeted kernel is quantised on the host CPU, one
+    stacked leaf at a time, and only its NF4 leaves are placed (`quantized_leaves`).
     """
     folder = pathlib.Path(folder)
     place = place or (lambda path, array: jnp.asarray(array))
@@ -327,9 +335,43 @@ def load_params(
     params_lib.raise_mismatch(WeightsError, f"weights in {folder} do not match the {cfg.architecture} config",
                               missing, unexpected, wrong_shape, hint="Is config.json from the same checkpoint as the weights?")
     params: dict = {}
-    for path, array in buffers.items():
-        params_lib.set_leaf(params, path, place(path, array))
+    for path in list(buffers):
+        array = buffers.pop(path)  # each float leaf is dropped once placed (or quantised)
+        for leaf_path, leaf in quantized_leaves(path, array, cfg).items():
+            params_lib.set_leaf(params, leaf_path, place(leaf_path, leaf))
     return params
+
+
+def quantized_target(cfg: ModelConfig, path: tuple[str, ...]) -> bool:
+    """Whether the base weight at `path` is stored quantised under cfg.quant (a targeted kernel)."""
+    if cfg.quant is None or path[-1] != "kernel":
+        return False
+    return path[-2] in cfg.quant.targets
+
+
+def quantized_leaves(path: tuple[str, ...], array: np.ndarray, cfg: ModelConfig) -> dict[tuple[str, ...], np.ndarray]:
+    """{path: array} of one loaded base leaf: itself, or the NF4 leaves of a targeted kernel ([in, out],
+    stacked [L, in, out] under model/layers), quantised in HF layout [out, in] on the host CPU (no
+    accelerator ever holds the float copy)."""
+    if not quantized_target(cfg, path):
+        return {path: array}
+    try:
+        quant.check_quantizable(array.shape[:-2] + array.shape[-1:] + array.shape[-2:-1], hf_name_of(path))
+    except ValueError as e:
+        raise WeightsError(f"{e}; leave {path[-2]} out of model.quantize_targets") from None
+    with jax.default_device(jax.devices("cpu")[0]):
+        leaves = quant.quantize(jnp.swapaxes(jnp.asarray(array, jnp.float32), -1, -2), cfg.quant.double,
+                                stacked=path[:2] == ("model", "layers"))
+        return {(*path[:-1], name): np.asarray(leaf) for name, leaf in leaves.items()}
+
+
+def dequantized_params(params: dict) -> dict:
+    """`params` with every NF4 module (`nf4`, `absmax` ... leaves) back as a float32 `kernel` [in, out]:
+    the weights a QLoRA run trained over, e.g. for a merged export that matches the trained model."""
+    if quant.is_quantized(params):
+        rest = {name: leaf for name, leaf in params.items() if name not in quant.ALL_LEAVES}
+        return {**rest, "kernel": np.asarray(jnp.swapaxes(quant.dequantize(params, jnp.float32), -1, -2))}
+    return {name: dequantized_params(node) if isinstance(node, dict) else node for name, node in params.items()}
 
 
 def hf_name_of(path: tuple[str, ...], layer: int | None = None) -> str:

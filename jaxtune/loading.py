@@ -11,7 +11,9 @@ re-exported as `jaxtune.api.load`), and `load_for_inference`, shared by
 `adapter` is one of
   * a jaxtune workdir (it has config.json): the base model is the run's model.path unless one is
     given; the checkpoint is `step` ('last', 'best' or a number). A LoRA run's trained leaves are put
-    over the base weights; a full fine-tuning run's params replace them.
+    over the base weights; a full fine-tuning run's params replace them. A QLoRA run's base
+    (model.quantize=nf4) is quantised at load exactly as training quantised it: its adapters were
+    trained over the NF4 weights, not the float ones.
   * a PEFT LoRA adapter folder (it has adapter_config.json): the base model is the one given, else
     the adapter's base_model_name_or_path.
   * None: the model itself.
@@ -33,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxtune import config as config_lib
 from jaxtune import hf, lora
 from jaxtune import params as params_lib
 from jaxtune import peft as peft_io
@@ -40,6 +43,7 @@ from jaxtune import workdir as workdir_lib
 from jaxtune.errors import JaxtuneError
 from jaxtune.hf import load_tokenizer
 from jaxtune.models.llama import DTYPES, Llama, LoRAConfig, ModelConfig
+from jaxtune.models.quant import QuantConfig
 
 __all__ = ["InferenceError", "LoadedModel", "adapter_kind", "base_model_path", "extend_vocab", "load",
            "load_for_inference", "load_peft", "load_run", "load_tokenizer", "load_with_info"]
@@ -70,10 +74,13 @@ def load(
     allow_pickle: bool = False,
     revision: str | None = None,
     with_tokenizer: bool = True,
+    quant: QuantConfig | None = None,
 ) -> LoadedModel:
-    """Resolve `path` (alias, HF folder or hub id), read its config and weights, and its tokenizer."""
+    """Resolve `path` (alias, HF folder or hub id), read its config and weights, and its tokenizer.
+
+    quant: store the targeted kernels as NF4 (a QLoRA run's base, exactly as training quantised it)."""
     folder = hf.resolve_model_dir(path, revision)
-    cfg = hf.model_config_from_hf(folder, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    cfg = hf.model_config_from_hf(folder, param_dtype=param_dtype, compute_dtype=compute_dtype, quant=quant)
     params = hf.load_params(folder, cfg, allow_pickle=allow_pickle)
     tokenizer = hf.load_tokenizer(folder) if with_tokenizer else None
     return LoadedModel(cfg, params, tokenizer, folder)
@@ -135,7 +142,7 @@ def load_run(model_path: str, workdir: pathlib.Path, dtype: str, step: str | int
     trained = workdir_lib.load_trained_params(workdir, step_number)
     lora_cfg = workdir_lib.run_lora_config(run)
     model = load(model_path, param_dtype=dtype, compute_dtype=dtype, allow_pickle=bool(run.model.allow_pickle),
-                 revision=run.model.revision or None, with_tokenizer=False)
+                 revision=run.model.revision or None, with_tokenizer=False, quant=config_lib.quant_config(run.model))
     model.tokenizer = workdir_lib.run_tokenizer(workdir, model.folder, run)
     adapters, other = lora.split_trainable(trained, full_finetune=False) if lora_cfg else ({}, trained)
     vocab_size = workdir_lib.trained_vocab_size(other, model.cfg.vocab_size)

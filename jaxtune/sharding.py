@@ -16,7 +16,8 @@ Logical axes. Every parameter dimension has a logical name, derived from its pat
 flattened H * head_dim dimension of q/o), "kv" (K * head_dim of k/v), "mlp", "head_dim" (q/k
 norms). A LoRA pair of a kernel [in, out] is a [in, r] -> (in_axis, None) and b [r, out] ->
 (None, out_axis): the base kernel's axis on the non-rank dimension, the rank always replicated.
-The embedding's a [V, r] / b [r, D] follow the embedding [vocab, embed] the same way.
+The embedding's a [V, r] / b [r, D] follow the embedding [vocab, embed] the same way. The NF4
+leaves of a quantised weight (model.quantize) carry the weight's axes in HF layout (`quantized_axes`).
 
 Rules. A short list of (logical axis, mesh axes) pairs, `DEFAULT_RULES`: FSDP over "embed",
 tensor parallelism over heads/kv/mlp/vocab, the batch over (data, fsdp), everything else
@@ -48,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune import lora
 from jaxtune import params as params_lib
 from jaxtune.errors import JaxtuneError
+from jaxtune.models import quant
 from jaxtune.models.llama import DTYPES
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ NORM_AXES = {
     "k_norm": "head_dim",
 }
 SCANNED_PREFIX = ("model", "layers")
+QUANTIZED_LEAVES = quant.ALL_LEAVES  # NF4 leaves (model.quantize), in place of a frozen kernel
 
 Path = tuple[str, ...]
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
@@ -160,7 +163,9 @@ def describe_mesh(mesh: Mesh) -> str:
 def logical_axes(path: Path, ndim: int) -> tuple[str | None, ...]:
     """Logical axis names of the param at `path` (e.g. ('model', 'layers', 'mlp', 'up_proj', 'kernel'))."""
     module, leaf = (path[-2], path[-1]) if len(path) >= 2 else ("", path[-1] if path else "")
-    if leaf in ("kernel", "embedding", "bias", "lora_a", "lora_b") and module in WEIGHT_AXES:
+    if leaf in QUANTIZED_LEAVES and module in WEIGHT_AXES:
+        axes = quantized_axes(module, leaf)
+    elif leaf in ("kernel", "embedding", "bias", "lora_a", "lora_b") and module in WEIGHT_AXES:
         in_axis, out_axis = WEIGHT_AXES[module]
         axes = {"kernel": (in_axis, out_axis), "embedding": (in_axis, out_axis), "bias": (out_axis,),
                 "lora_a": (in_axis, None), "lora_b": (None, out_axis)}[leaf]
@@ -174,6 +179,18 @@ def logical_axes(path: Path, ndim: int) -> tuple[str | None, ...]:
     if len(axes) != ndim:
         raise ShardingError(f"param {'/'.join(path)} has {ndim} dims but its logical axes are {axes}")
     return axes
+
+
+def quantized_axes(module: str, leaf: str) -> tuple[str | None, ...]:
+    """Logical axes of an NF4 leaf (jaxtune.models.quant): `nf4` [out, in/2], `absmax` and
+    `absmax_code` [out, in/64] are in HF layout, so a kernel's are its (out, in) axes, an embedding's
+    its (vocab, embed): sharded like the weight wherever the dimension divides. The second-level
+    scales of double quantisation (`absmax_scale`, one float per 16384 weights) and `absmax_offset`
+    are replicated."""
+    in_axis, out_axis = WEIGHT_AXES[module]
+    weight = (in_axis, out_axis) if module == "embed_tokens" else (out_axis, in_axis)
+    return {"nf4": weight, "absmax": weight, "absmax_code": weight, "absmax_scale": (None,),
+            "absmax_offset": ()}[leaf]
 
 
 def logical_axes_tree(params) -> Any:

@@ -348,7 +348,7 @@ def model_config(config: ml_collections.ConfigDict, folder: pathlib.Path) -> Mod
         lo = config.lora
         adapter = lora.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora)
     return hf.model_config_from_hf(folder, param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
-                                   remat=config.model.remat, lora=adapter)
+                                   remat=config.model.remat, lora=adapter, quant=config_lib.quant_config(config.model))
 
 
 def evaluate_loss(eval_fn, trainable, frozen, batches) -> dict[str, float]:

@@ -19,7 +19,8 @@ from jaxtune.params import path_str
 
 # Settings that choose numerics or memory, not what the trained weights mean: they may change between
 # a run and its resume without making the checkpoint incompatible.
-FINGERPRINT_IGNORED_MODEL_FIELDS = ("lora", "compute_dtype", "remat")
+# quant: recorded below only when set, so checkpoints of unquantised runs keep their fingerprint.
+FINGERPRINT_IGNORED_MODEL_FIELDS = ("lora", "compute_dtype", "remat", "quant")
 LORA_FINGERPRINT_FIELDS = ("rank", "alpha", "targets", "rslora")
 # Fingerprint keys holding a set: compared regardless of order (checkpoints written before
 # lora.parse_targets returned one canonical order hold the targets in the order they were typed).
@@ -45,6 +46,9 @@ def config_fingerprint(model_path: str, model_config, full_finetune: bool, train
     """
     architecture = {field.name: getattr(model_config, field.name) for field in dataclasses.fields(model_config)
                     if field.name not in FINGERPRINT_IGNORED_MODEL_FIELDS}
+    quantized = getattr(model_config, "quant", None)  # a QLoRA run's adapters fit only its NF4 base
+    if quantized is not None:
+        architecture["quant"] = dataclasses.asdict(quantized)
     adapter = model_config.lora
     lora = None if adapter is None else {name: getattr(adapter, name) for name in LORA_FINGERPRINT_FIELDS}
     return json_value({

@@ -9,6 +9,9 @@ leaf under `model/layers` carries a leading layer axis L.
 LoRA adapters live next to the kernel they adapt (`lora_a [in, r]`, `lora_b [r, out]`):
     y = x W + scaling * dropout(x) a b           (never materialises W + a b)
 Embedding LoRA follows PEFT's lora_embedding_A/B: `y = E[x] + scaling * a[x] b`.
+QLoRA (cfg.quant): a targeted Linear holds NF4 leaves instead of `kernel` (jaxtune/models/quant.py)
+and de-quantises them where the kernel is read; the layers are then rematerialised with the 'dots'
+policy, so the backward recomputes each layer's float kernel instead of keeping all of them.
 Adapters are float32 (`ADAPTER_DTYPE`) whatever `param_dtype`; every param, adapter or base, is cast
 to `compute_dtype` where it is used, so a float32 leaf (a master weight) runs over a bfloat16 base.
 
@@ -26,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models import quant
 from jaxtune.models.attention import attention
 from jaxtune.models.kernels import dense, lora_dense
 
@@ -81,6 +85,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     lora: LoRAConfig | None = None
+    quant: quant.QuantConfig | None = None  # model.quantize: NF4 frozen kernels (jaxtune/models/quant.py)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -154,7 +159,11 @@ def lora_a_init(key, shape, dtype):
 
 
 class Linear(nn.Module):
-    """Dense layer with kernel [in, out], optional bias and optional LoRA adapter."""
+    """Dense layer with kernel [in, out], optional bias and optional LoRA adapter.
+
+    quant (model.quantize=nf4): the kernel is stored as NF4 leaves (`nf4`, `absmax`, ...: see
+    jaxtune/models/quant.py) instead of `kernel`, and dequantised to the compute dtype here, where
+    it is read; the rest of the layer is unchanged."""
 
     features: int
     use_bias: bool
@@ -162,17 +171,47 @@ class Linear(nn.Module):
     dtype: Any
     param_dtype: Any
     deterministic: bool = True
+    quant: quant.QuantConfig | None = None
 
     @nn.compact
     def __call__(self, x):
         in_features = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features), self.param_dtype)
+        if self.quant is None:
+            kernel = self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features), self.param_dtype)
+        else:
+            kernel = quantized_kernel(self, in_features, self.features, self.quant, self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         if self.lora is None:
             return dense(x, kernel, bias, dtype=self.dtype)
         a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), ADAPTER_DTYPE)
         b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), ADAPTER_DTYPE)
         return lora_dense(x, kernel, bias, a, b, lora_dropout(self, x), scaling=self.lora.scaling, dtype=self.dtype)
+
+
+def quantized_kernel(module: nn.Module, in_features: int, out_features: int, qcfg: quant.QuantConfig, dtype):
+    """Declare `module`'s NF4 leaves of an [in, out] kernel (HF layout [out, in], jaxtune.models.quant)
+    and return the kernel dequantised to `dtype`, [in, out]. Init (`quant.init_leaves`): random codes
+    under one typical absmax; real runs quantise the loaded weights (jaxtune.hf.load_params)."""
+    shapes = quant.leaf_shapes(out_features, in_features, qcfg.double)
+
+    def init(key, shape, leaf_dtype, name):
+        return quant.init_leaves(key, out_features, in_features, qcfg.double)[name]
+
+    leaves = {name: module.param(name, init, shape, leaf_dtype, name) for name, (shape, leaf_dtype) in shapes.items()}
+    return quant.dequantize(leaves, dtype).T
+
+
+def quantized_remat_policy():
+    """Remat policy of a quantised model's layers under model.remat=none: 'dots' (keep the matmul
+    outputs, recompute the rest). Without remat the backward would keep every layer's dequantised
+    kernels (lora_dense's residual), a float copy of the whole base; this policy recomputes them from
+    the NF4 leaves instead, with the cheap elementwise ops. (A name-based 'everything but the
+    dequantised kernel' policy does not reach the residuals of lora_dense's custom VJP.)"""
+    return remat_policy("dots")
+
+
+def quant_for(cfg: ModelConfig, target: str) -> quant.QuantConfig | None:
+    return cfg.quant if cfg.quant is not None and target in cfg.quant.targets else None
 
 
 def lora_dropout(module: nn.Module, x):
@@ -272,7 +311,8 @@ class Attention(nn.Module):
         H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
         def proj(name, features, bias):
-            return Linear(features, bias, lora_for(cfg, name), dtype, pdtype, self.deterministic, name=name)
+            return Linear(features, bias, lora_for(cfg, name), dtype, pdtype, self.deterministic,
+                          quant=quant_for(cfg, name), name=name)
 
         q_BxTxHxDh = proj("q_proj", H * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, H, Dh)
         k_BxTxKxDh = proj("k_proj", K * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, K, Dh)
@@ -322,7 +362,8 @@ class MLP(nn.Module):
         dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
 
         def proj(name, features):
-            return Linear(features, cfg.mlp_bias, lora_for(cfg, name), dtype, pdtype, self.deterministic, name=name)
+            return Linear(features, cfg.mlp_bias, lora_for(cfg, name), dtype, pdtype, self.deterministic,
+                          quant=quant_for(cfg, name), name=name)
 
         gate_BxTxF = proj("gate_proj", cfg.intermediate_size)(x_BxTxD)
         up_BxTxF = proj("up_proj", cfg.intermediate_size)(x_BxTxD)
@@ -387,6 +428,8 @@ class Decoder(nn.Module):
         layer_cls = DecoderLayer
         if cfg.remat != "none":
             layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=remat_policy(cfg.remat))
+        elif cfg.quant is not None:  # each policy above already recomputes the dequantised kernels
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=quantized_remat_policy())
         layers = nn.scan(
             layer_cls,
             variable_axes={"params": 0},
@@ -438,7 +481,8 @@ class Llama(nn.Module):
             if head_lora is not None:  # params under 'lm_head' although the kernel is the tied embedding
                 logits_BxTxV += TiedHeadLoRA(cfg.vocab_size, head_lora, dtype, pdtype, self.deterministic, name="lm_head")(h_BxTxD)
         else:
-            logits_BxTxV = Linear(cfg.vocab_size, False, head_lora, dtype, pdtype, self.deterministic, name="lm_head")(h_BxTxD)
+            logits_BxTxV = Linear(cfg.vocab_size, False, head_lora, dtype, pdtype, self.deterministic,
+                                  quant=quant_for(cfg, "lm_head"), name="lm_head")(h_BxTxD)
         return logits_BxTxV.astype(jnp.float32), new_cache
 
 
@@ -449,6 +493,8 @@ def lm_head_logits(params, cfg: ModelConfig, h_BxTxD, h_dropped_BxTxD=None):
     dtype = DTYPES[cfg.compute_dtype]
     if cfg.tie_word_embeddings:
         kernel_DxV = params["model"]["embed_tokens"]["embedding"].T
+    elif quant_for(cfg, "lm_head") is not None:  # NF4 leaves in HF layout [V, D]
+        kernel_DxV = quant.dequantize(params["lm_head"], dtype).T
     else:
         kernel_DxV = params["lm_head"]["kernel"]
     head_lora = lora_for(cfg, "lm_head")
