@@ -295,7 +295,7 @@ def test_a_dora_lora_plus_run_learns_and_exports_to_peft_and_merged(tiny_chat_mo
     data = write_chat_jsonl(tmp_path / "train.jsonl")
     config = tiny_config(**{"model.path": str(tiny_chat_model), "data.train": str(data), "lora.dora": True,
                             "lora.plus_ratio": 16.0, "lora.targets": "all-linear", "lora.dropout": 0.05,
-                            "optim.lr": 1e-3, "train.steps": 12})
+                            "optim.lr": 1e-2, "train.steps": 16})
     result = train.run(config, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
