@@ -46,14 +46,18 @@ def weight_norm(kernel_IxO, a_IxR, b_RxO, scaling: float):
 def dora_dense(x, kernel, bias, lora_a, lora_b, magnitude, x_dropped=None, *, scaling: float, dtype: Any):
     """x [..., in] -> [..., out]: PEFT's DoRA linear (see the module docstring); x_dropped=None = no dropout."""
     norm_O = jax.lax.stop_gradient(weight_norm(kernel, lora_a, lora_b, scaling))
-    scale_O = (magnitude.astype(jnp.float32) / norm_O).astype(dtype)
+    # g = m / ||V|| stays float32 and scales in float32 before the one rounding to dtype: g - 1 is
+    # small, and a bfloat16 g (steps of 2^-7 near 1) would bias it. No-op casts when dtype is float32.
+    scale_O = magnitude.astype(jnp.float32) / norm_O
+    f32 = jnp.float32
     if x_dropped is None:
-        y = scale_O * lora_dense(x, kernel, None, lora_a, lora_b, None, scaling=scaling, dtype=dtype)
+        y = (scale_O * lora_dense(x, kernel, None, lora_a, lora_b, None, scaling=scaling, dtype=dtype).astype(f32))
+        y = y.astype(dtype)
         return y if bias is None else y + bias.astype(dtype)
     base = dense(x, kernel, bias, dtype=dtype)
-    dropped_base = dense(x_dropped, kernel, None, dtype=dtype)
-    dropped_delta = lora_dense(x_dropped, None, None, lora_a, lora_b, None, scaling=scaling, dtype=dtype)
-    return base + (scale_O - 1) * dropped_base + scale_O * dropped_delta
+    dropped_base = dense(x_dropped, kernel, None, dtype=dtype).astype(f32)
+    dropped_delta = lora_dense(x_dropped, None, None, lora_a, lora_b, None, scaling=scaling, dtype=dtype).astype(f32)
+    return base + ((scale_O - 1) * dropped_base + scale_O * dropped_delta).astype(dtype)
 
 
 def merged_kernel(kernel_IxO, a_IxR, b_RxO, magnitude_O, scaling: float):
