@@ -12,7 +12,9 @@ and global-norm clipping from jaxtune.config.base_config().optim) on both sides,
   * qlora: the lora adapters over an NF4 base (blocks of 64, single
     quantisation; model.quantize=nf4). HF's peer is PEFT over bitsandbytes' NF4 Linear4bit
     (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", compute float32)`), which
-    bitsandbytes 0.50 runs on CPU (checked: forward, backward and the LoRA gradients).
+    bitsandbytes 0.50 runs on CPU (checked: forward, backward and the LoRA gradients);
+  * dora: lora with DoRA (jaxtune lora.dora; peft LoraConfig(use_dora=True));
+  * lora+: lora with LoRA+ (jaxtune lora.plus_ratio; peft.optimizers.create_loraplus_optimizer), ratio --plus_ratio.
 jaxtune: hf.load_params (+ lora.init_adapters), state.build (trainable/frozen split, optim.optimizer,
 the state sharded over the process's devices), jax.jit(step.train_step, donate_argnums=0); compile and warm-up steps are timed
 apart; the compiled step's memory_analysis (argument/output/temp bytes) is reported.
@@ -44,6 +46,7 @@ import time
 from machine_load import load_averages, load_report
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODES = ("lora", "full", "qlora", "dora", "lora+")  # qlora / dora / lora+: the LoRA variants (model.quantize, lora.dora, lora.plus_ratio)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--plus_ratio", type=float, default=16.0, help="lora+ mode: lr of B = ratio x lr of A")
     parser.add_argument("--breakdown", action="store_true", help="jaxtune: also time forward/loss/grad pieces")
     parser.add_argument("--json", default="", help="also write all raw results to this file")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # "framework:mode", internal
@@ -66,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = [m for m in args.modes.split(",") if m]
     args.frameworks = [f for f in args.frameworks.split(",") if f]
     for m in args.modes:
-        if m not in ("lora", "full", "qlora"):
-            parser.error(f"--modes: unknown mode {m!r} (lora, full, qlora)")
+        if m not in MODES:
+            parser.error(f"--modes: unknown mode {m!r} ({', '.join(MODES)})")
     for f in args.frameworks:
         if f not in ("jaxtune", "hf"):
             parser.error(f"--frameworks: unknown framework {f!r} (jaxtune, hf)")
@@ -122,16 +126,17 @@ def run_jaxtune(args, mode: str) -> dict:
 
     full = mode == "full"
     folder = hf.resolve_model_dir(args.model)
-    adapter = None if full else lora.lora_config(args.rank, args.alpha, 0.0, LORA_TARGETS, False)
+    adapter = None if full else lora.lora_config(args.rank, args.alpha, 0.0, LORA_TARGETS, False, dora=mode == "dora")
     quantized = QuantConfig(targets=tuple(LORA_TARGETS)) if mode == "qlora" else None
     cfg = hf.model_config_from_hf(folder, param_dtype="float32", compute_dtype="float32", lora=adapter,
                                   quant=quantized)
     t0 = time.perf_counter()
     params = hf.load_params(folder, cfg)
     if not full:
-        params = params_lib.merge_trees(params, lora.init_adapters(cfg, jax.random.key(1)))
+        params = params_lib.merge_trees(params, lora.init_adapters(cfg, jax.random.key(1), params))
     config = base_config()  # its optim section; the state as jaxtune.train builds it, on this process's devices
     config.lora.enabled, config.lora.rank, config.train.seed = not full, args.rank, 0
+    config.lora.dora, config.lora.plus_ratio = mode == "dora", args.plus_ratio if mode == "lora+" else 0.0
     mesh = sharding.make_mesh("1,-1,1")
     built = state_lib.build(config, params, mesh, sharding.make_rules(""), args.warmup + args.steps)
     del params
@@ -263,11 +268,17 @@ def run_hf(args, mode: str) -> dict:
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=args.alpha,
                                                            target_modules=LORA_TARGETS, lora_dropout=0.0,
-                                                           task_type="CAUSAL_LM"))
+                                                           task_type="CAUSAL_LM", use_dora=mode == "dora"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     o = base_config().optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+    if mode == "lora+":
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=o.lr, loraplus_lr_ratio=args.plus_ratio,
+                                              loraplus_weight_decay=o.weight_decay, betas=(o.b1, o.b2), eps=o.eps)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
     ids = torch.from_numpy(synthetic_tokens(args.batch, args.seq, model.config.vocab_size)).long()
     # HF shifts labels inside the loss: inputs = labels = ids[:, :-1] trains seq - 1 targets per row
     # (jaxtune: seq); both compute [batch, seq, V] logits.

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.targets = "all-linear"  # q,k,v,o,gate,up,down; also: short names, embed_tokens, lm_head, 'all'
     c.lora.rslora = False  # scaling alpha/sqrt(r) instead of alpha/r
     c.lora.init_from = ""  # start from an existing PEFT adapter folder
+    c.lora.dora = False  # DoRA: a trained magnitude per output feature of each linear target (PEFT use_dora)
+    c.lora.plus_ratio = 0.0  # LoRA+: lr of every lora_b (and DoRA magnitude) = ratio x lr; 0 = off (paper: 16)
+    c.lora.plus_lr_embedding = 1e-6  # LoRA+: peak lr of embed_tokens adapters (PEFT's loraplus_lr_embedding)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "task:viggo"  # JSONL path, `hf:NAME[:CONFIG]:SPLIT`, or `task:NAME` (bundled)
@@ -277,10 +280,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     problems.extend(_quantize_problems(config))
     if lo.enabled:
         try:
-            lora_lib.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora)
+            lora_lib.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora, lo.dora)
         except ValueError as e:
             problems.append(str(e))
         need(lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0")
+    problems.extend(_lora_variant_problems(lo))
     need(bool(d.train), "data.train is empty: give a JSONL file, hf:NAME:SPLIT or task:NAME")
     need(d.format in FORMATS, f"data.format={d.format!r}: choose one of {', '.join(FORMATS)}")
     need(d.template in ("auto", "none") or is_jinja_template(d.template),
@@ -311,6 +315,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     need(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep}: must be >= 1")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _lora_variant_problems(lo: ml_collections.ConfigDict) -> list[str]:
+    """DoRA / LoRA+ settings and the combinations they do not support."""
+    problems = []
+    if lo.plus_ratio < 0:
+        problems.append(f"lora.plus_ratio={lo.plus_ratio}: must be >= 0 (0 = off; the LoRA+ paper uses 16)")
+    if lo.plus_lr_embedding <= 0:
+        problems.append(f"lora.plus_lr_embedding={lo.plus_lr_embedding}: must be > 0 (PEFT's default is 1e-6)")
+    if not lo.enabled:
+        if lo.dora:
+            problems.append("lora.dora=True with lora.enabled=False: DoRA is a LoRA adapter and full fine-tuning "
+                            "has none; set --config.lora.enabled=true or --config.lora.dora=false")
+        if lo.plus_ratio > 0:
+            problems.append(f"lora.plus_ratio={lo.plus_ratio} with lora.enabled=False: LoRA+ sets the lr of the "
+                            f"adapters' B matrices and full fine-tuning has none; set --config.lora.enabled=true "
+                            f"or --config.lora.plus_ratio=0")
+    return problems
 
 
 def _mesh_problems(mesh: tuple[int, int, int], num_devices: int | None, micro_batch: int,

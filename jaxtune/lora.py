@@ -6,6 +6,11 @@ adapters follow PEFT (`lora_a` [V, r] zeros, `lora_b` [r, D] normal). Scanned la
 leading layer axis L on both. Adapters are float32 whatever the base weights' dtype (see
 `jaxtune.models.llama.ADAPTER_DTYPE`).
 
+DoRA (`LoRAConfig.dora`, jaxtune/models/dora.py) adds `lora_magnitude` [out] next to a linear target's
+lora_a / lora_b, initialised from the base kernel (`init_adapters(cfg, rng, base)`): ||W + scaling a b||
+per output feature. It is an adapter leaf like the other two (trainable, checkpointed, exported).
+Embedding and lm_head adapters stay plain LoRA: DoRA on them is refused by name (`lora_config`).
+
 Trainable vs frozen is ONE predicate over parameter paths (`is_trainable`): optimizer labels,
 the train/frozen split, adapter-only checkpoints and exports all derive from it. A LoRA run that
 added tokens to the vocabulary (config.data.add_tokens, jaxtune/vocab.py) also trains the
@@ -21,11 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune import params as params_lib
+from jaxtune.models import dora
 from jaxtune.models.llama import ALL_TARGETS, LINEAR_TARGETS, LoRAConfig, ModelConfig, abstract_params, lora_a_init
 
-LORA_LEAVES = ("lora_a", "lora_b")
+LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 # The vocabulary-sized weights: their rows (columns of the [D, V] head kernel) are token ids.
 EMBEDDING_PATHS = (("model", "embed_tokens", "embedding"), ("lm_head", "kernel"))
+VOCABULARY_TARGETS = ("embed_tokens", "lm_head")
 _SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                 "up": "up_proj", "down": "down_proj", "embed": "embed_tokens", "head": "lm_head"}
 
@@ -52,13 +59,19 @@ def parse_targets(spec: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(target for target in ALL_TARGETS if target in targets)
 
 
-def lora_config(rank: int, alpha: float, dropout: float, targets, rslora: bool) -> LoRAConfig:
+def lora_config(rank: int, alpha: float, dropout: float, targets, rslora: bool, dora: bool = False) -> LoRAConfig:
     if rank < 1:
         raise ValueError(f"lora.rank={rank}: the rank must be >= 1")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora.dropout={dropout}: must be in [0, 1)")
+    targets = parse_targets(targets)
+    vocabulary = [t for t in targets if t in VOCABULARY_TARGETS]
+    if dora and vocabulary:
+        raise ValueError(f"lora.dora=True with lora.targets including {', '.join(vocabulary)}: jaxtune's DoRA adapts "
+                         f"linear layers of the blocks only; drop {', '.join(vocabulary)} from lora.targets "
+                         f"(e.g. --config.lora.targets=all-linear) or set --config.lora.dora=false")
     return LoRAConfig(rank=int(rank), alpha=float(alpha), dropout=float(dropout),
-                      targets=parse_targets(targets), rslora=bool(rslora))
+                      targets=targets, rslora=bool(rslora), dora=bool(dora))
 
 
 def is_lora_path(path: Path) -> bool:
@@ -81,8 +94,9 @@ def adapter_shapes(cfg: ModelConfig) -> dict:
     return params_lib.filter_tree(abstract_params(cfg), is_lora_path)
 
 
-def init_adapters(cfg: ModelConfig, rng: jax.Array) -> dict:
-    """Fresh adapters for cfg.lora: linear a ~ PEFT kaiming-uniform, b = 0; embedding a = 0, b ~ N(0, 1).
+def init_adapters(cfg: ModelConfig, rng: jax.Array, base: dict | None = None) -> dict:
+    """Fresh adapters for cfg.lora: linear a ~ PEFT kaiming-uniform, b = 0; embedding a = 0, b ~ N(0, 1);
+    DoRA magnitudes ||W|| per output feature, read from `base` (the base param tree; required for DoRA).
 
     Always float32 (models.llama.ADAPTER_DTYPE), whatever cfg.param_dtype: they are trained."""
     shapes = adapter_shapes(cfg)
@@ -100,15 +114,33 @@ def init_adapters(cfg: ModelConfig, rng: jax.Array) -> dict:
         return jnp.zeros(leaf.shape, leaf.dtype)
 
     leaves = [init_leaf(params_lib.path_of(kp), leaf, key) for (kp, leaf), key in zip(flat, keys)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    adapters = jax.tree_util.tree_unflatten(treedef, leaves)
+    if cfg.lora.dora:
+        if base is None:
+            raise ValueError("init_adapters: DoRA magnitudes are the base kernels' norms: pass the base params")
+        adapters = with_dora_magnitudes(adapters, base, cfg)
+    return adapters
+
+
+def with_dora_magnitudes(adapters: dict, base: dict, cfg: ModelConfig) -> dict:
+    """`adapters` with every `lora_magnitude` set to ||W + scaling a b|| of its base kernel W (PEFT's
+    DoRA init: with b = 0 the adapted model equals the base model)."""
+    def set_magnitude(key_path, leaf):
+        path = params_lib.path_of(key_path)
+        if path[-1] != "lora_magnitude":
+            return leaf
+        module = path[:-1]
+        kernel = params_lib.get_leaf(base, module + ("kernel",))
+        a, b = (params_lib.get_leaf(adapters, module + (name,)) for name in ("lora_a", "lora_b"))
+        return dora.weight_norm(kernel, a, b, cfg.lora.scaling).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(set_magnitude, adapters)
 
 
 def lora_delta(a, b, scaling: float):
     """scaling * a b in float32, for [in, r] x [r, out] or stacked [L, in, r] x [L, r, out]."""
     return scaling * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
 
-
-VOCABULARY_TARGETS = ("embed_tokens", "lm_head")
 
 
 def merge_unties(cfg: ModelConfig) -> bool:
@@ -122,6 +154,7 @@ def merge_unties(cfg: ModelConfig) -> bool:
 
 def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     """Fold every adapter into its base weight (float32, then cast back) -> (base params, cfg).
+    A DoRA target becomes m (W + scaling a b) / ||W + scaling a b|| (PEFT's DoRA merge).
 
     A tied model with an embed_tokens or lm_head adapter comes back untied (`merge_unties`): the
     lm_head kernel is the base E^T plus the head's own delta, the embedding E plus its own delta,
@@ -138,7 +171,10 @@ def merge_adapters(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
 
     def fold(node: dict, adapter: dict):
         for key, sub in adapter.items():
-            if "lora_a" in sub:
+            if "lora_magnitude" in sub:  # DoRA: W' = m (W + s a b) / ||W + s a b||
+                node[key]["kernel"] = dora.merged_kernel(node[key]["kernel"], sub["lora_a"], sub["lora_b"],
+                                                         sub["lora_magnitude"], scaling)
+            elif "lora_a" in sub:
                 weight_key = "embedding" if "embedding" in node[key] else "kernel"
                 weight = node[key][weight_key]
                 node[key][weight_key] = (weight.astype(jnp.float32)

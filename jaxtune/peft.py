@@ -20,6 +20,8 @@ per-layer slices transposed:
     base_model.model.model.embed_tokens.lora_embedding_A              [r, V]    = lora_a.T  (no `.weight`)
     base_model.model.model.embed_tokens.lora_embedding_B              [D, r]    = lora_b.T
     base_model.model.lm_head.lora_A.weight / lora_B.weight            [r, D] / [V, r]  (tied heads too)
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector  [out]  = lora_magnitude[i]
+                                                                      (DoRA, adapter_config use_dora: true)
 Full embedding matrices (peft's `save_embedding_layers`) are `...model.embed_tokens[.base_layer].weight`
 [V, D] and `...lm_head[.base_layer].weight` [V, D], `.base_layer` when that module carries an adapter;
 tied models write both names, as peft does. The command line writes them only when the run extended
@@ -76,7 +78,6 @@ _PEFT_LORA_CONFIG_DEFAULTS: dict[str, Any] = {
 # adapter_config.json keys whose non-default values change the adapter's forward pass in ways our
 # model does not implement -> the reason given when refusing them.
 _UNSUPPORTED_FEATURES: dict[str, str] = {
-    "use_dora": "DoRA (weight-decomposed LoRA) adds a magnitude vector",
     "rank_pattern": "per-module ranks",
     "alpha_pattern": "per-module alphas",
     "bias": "trained biases",
@@ -134,6 +135,8 @@ def peft_tensor_names(cfg: ModelConfig) -> Iterator[tuple[str, Path, int | None]
                 names = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
             yield names[0], base + ("lora_a",), layer
             yield names[1], base + ("lora_b",), layer
+            if cfg.lora.dora:
+                yield f"{prefix}.lora_magnitude_vector", base + ("lora_magnitude",), layer
 
 
 def embedding_layer_names(cfg: ModelConfig) -> dict[str, str]:
@@ -155,7 +158,8 @@ def _adapter_leaf(tree: dict, path: Path):
 
 
 def peft_adapter_tensors(adapters: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Our LoRA leaves -> (PEFT key, array in PEFT layout), one layer slice at a time."""
+    """Our LoRA leaves -> (PEFT key, array in PEFT layout), one layer slice at a time (matrices
+    transposed; a DoRA magnitude [out] is the same vector in both)."""
     for name, path, layer in peft_tensor_names(cfg):
         stacked = np.asarray(_adapter_leaf(adapters, path))
         yield name, np.ascontiguousarray((stacked if layer is None else stacked[layer]).T)
@@ -172,12 +176,18 @@ def embedding_layer_tensors(embedding_layers: dict, cfg: ModelConfig) -> Iterato
         yield names["lm_head"], np.ascontiguousarray(np.asarray(_adapter_leaf(embedding_layers, ("lm_head", "kernel"))).T)
 
 
+def describe_variant(lora_cfg: LoRAConfig) -> str:
+    """' (rsLoRA, DoRA)' / ' (DoRA)' / '' for log lines."""
+    names = [name for name, on in (("rsLoRA", lora_cfg.rslora), ("DoRA", lora_cfg.dora)) if on]
+    return f" ({', '.join(names)})" if names else ""
+
+
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
 def peft_adapter_config(lora_cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict[str, Any]:
-    """adapter_config.json contents for a plain LoRA, with the keys peft 0.21.2 writes."""
+    """adapter_config.json contents for a LoRA (DoRA: use_dora), with the keys peft 0.21.2 writes."""
     return {
         **_PEFT_LORA_CONFIG_DEFAULTS,
         "base_model_name_or_path": base_model_name_or_path,
@@ -186,6 +196,7 @@ def peft_adapter_config(lora_cfg: LoRAConfig, base_model_name_or_path: str | Non
         "lora_dropout": float(lora_cfg.dropout),
         "target_modules": sorted(lora_cfg.targets),
         "use_rslora": lora_cfg.rslora,
+        "use_dora": lora_cfg.dora,
     }
 
 
@@ -220,7 +231,7 @@ def save_peft_adapter(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
     log.info("PEFT adapter -> %s: r=%d alpha=%s%s, targets %s, %s adapter params%s%s", out_dir, cfg.lora.rank,
-             cfg.lora.alpha, " (rsLoRA)" if cfg.lora.rslora else "", ",".join(cfg.lora.targets),
+             cfg.lora.alpha, describe_variant(cfg.lora), ",".join(cfg.lora.targets),
              f"{params_lib.count_params(adapters):,}",
              "" if embedding_layers is None else f"; full embedding layers of {cfg.vocab_size} tokens",
              "; tokenizer" if tokenizer is not None else "")
@@ -259,7 +270,7 @@ def check_supported(config: dict[str, Any], file: pathlib.Path) -> None:
                         f"adapter with peft's path_initial_model_for_weight_conversion to get a plain LoRA)")
     if problems:
         raise ExportError(f"{file}: unsupported adapter features: " + "; ".join(problems)
-                          + ". jaxtune imports plain LoRA / rsLoRA adapters.")
+                          + ". jaxtune imports LoRA / rsLoRA / DoRA adapters.")
 
 
 def all_module_names(cfg: ModelConfig) -> dict[str, str]:
@@ -335,9 +346,13 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, base_cfg: ModelConfig) -> 
     targets = resolve_targets(config.get("target_modules"), base_cfg, config_file)
     if config.get("fan_in_fan_out"):
         log.warning("%s: fan_in_fan_out=true is ignored for Linear layers (peft resets it too)", config_file)
+    vocabulary = [t for t in targets if t in lora.VOCABULARY_TARGETS]
+    if config.get("use_dora") and vocabulary:
+        raise ExportError(f"{config_file}: use_dora=true on {', '.join(vocabulary)}: jaxtune's DoRA adapts the "
+                          f"linear layers of the blocks only (DoRA on the embedding / lm_head is not implemented)")
     try:
         lora_cfg = lora.lora_config(config.get("r", 8), config.get("lora_alpha", 8), config.get("lora_dropout", 0.0),
-                                    targets, bool(config.get("use_rslora", False)))
+                                    targets, bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
     except ValueError as e:
         raise ExportError(f"{config_file}: {e}") from e
     if (config.get("ensure_weight_tying") and base_cfg.tie_word_embeddings
@@ -378,7 +393,7 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, base_cfg: ModelConfig) -> 
     for path, array in buffers.items():
         params_lib.set_leaf(adapters, path, jnp.asarray(array))
     log.info("PEFT adapter <- %s: r=%d alpha=%s%s, targets %s", adapter_dir, lora_cfg.rank, lora_cfg.alpha,
-             " (rsLoRA)" if lora_cfg.rslora else "", ",".join(lora_cfg.targets))
+             describe_variant(lora_cfg), ",".join(lora_cfg.targets))
     return adapters, lora_cfg
 
 

@@ -165,10 +165,10 @@ def logical_axes(path: Path, ndim: int) -> tuple[str | None, ...]:
     module, leaf = (path[-2], path[-1]) if len(path) >= 2 else ("", path[-1] if path else "")
     if leaf in QUANTIZED_LEAVES and module in WEIGHT_AXES:
         axes = quantized_axes(module, leaf)
-    elif leaf in ("kernel", "embedding", "bias", "lora_a", "lora_b") and module in WEIGHT_AXES:
+    elif leaf in ("kernel", "embedding", "bias", "lora_a", "lora_b", "lora_magnitude") and module in WEIGHT_AXES:
         in_axis, out_axis = WEIGHT_AXES[module]
         axes = {"kernel": (in_axis, out_axis), "embedding": (in_axis, out_axis), "bias": (out_axis,),
-                "lora_a": (in_axis, None), "lora_b": (None, out_axis)}[leaf]
+                "lora_a": (in_axis, None), "lora_b": (None, out_axis), "lora_magnitude": (out_axis,)}[leaf]
     elif leaf == "scale" and module in NORM_AXES:
         axes = (NORM_AXES[module],)
     else:
@@ -376,10 +376,12 @@ def create_sharded(fn: Callable, out_shardings, *args, static_argnums: int | Seq
     return jax.jit(fn, static_argnums=static_argnums, out_shardings=out_shardings)(*args)
 
 
-def init_adapters_sharded(cfg, rng: jax.Array, mesh: Mesh, rules=None, *, strict: bool = False) -> dict:
-    """jaxtune.lora.init_adapters(cfg, rng), each adapter created directly in its sharding."""
+def init_adapters_sharded(cfg, rng: jax.Array, mesh: Mesh, rules=None, *, strict: bool = False,
+                          base: dict | None = None) -> dict:
+    """jaxtune.lora.init_adapters(cfg, rng, base), each adapter created directly in its sharding
+    (`base`: the base params, which DoRA's magnitudes are initialised from)."""
     shardings = param_shardings(lora.adapter_shapes(cfg), mesh, rules, strict=strict)
-    return create_sharded(lora.init_adapters, shardings, cfg, rng, static_argnums=0)
+    return create_sharded(lora.init_adapters, shardings, cfg, rng, base, static_argnums=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def optimizer(config: ml_collections.ConfigDict, num_steps: int,
               vocab_ext: vocab.VocabExtension | None = None) -> optax.GradientTransformation:
     """AdamW of config.optim over the trainable leaves; a LoRA run with added tokens moves only their rows."""
     full_finetune = not config.lora.enabled
-    tx = optim.optimizer(config.optim, num_steps, full_finetune, trains_new_rows(config, vocab_ext))
+    tx = optim.optimizer(config.optim, num_steps, full_finetune, trains_new_rows(config, vocab_ext),
+                         plus_ratio=config.lora.plus_ratio, plus_lr_embedding=config.lora.plus_lr_embedding)
     if trains_new_rows(config, vocab_ext):  # only the new tokens' rows move; the old ones stay bit-identical
         tx = vocab.train_new_rows(tx, vocab_ext)
     return tx

@@ -205,7 +205,7 @@ def model_params(config: ml_collections.ConfigDict, source: ModelSource, mesh, r
         base = vocab.resize_params(base, source.vocab_ext, sharding_for=lambda path, shape: jax.sharding.NamedSharding(
             mesh, sharding.spec_for(path, shape, mesh, rules)[0]))
         cfg = cfg.replace(vocab_size=source.vocab_ext.new_size)
-    params = base if cfg.lora is None else params_lib.merge_trees(base, initial_adapters(config, cfg, mesh, rules))
+    params = base if cfg.lora is None else params_lib.merge_trees(base, initial_adapters(config, cfg, mesh, rules, base))
     return params, cfg
 
 
@@ -346,7 +346,7 @@ def model_config(config: ml_collections.ConfigDict, folder: pathlib.Path) -> Mod
     adapter = None
     if config.lora.enabled:
         lo = config.lora
-        adapter = lora.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora)
+        adapter = lora.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora, lo.dora)
     return hf.model_config_from_hf(folder, param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
                                    remat=config.model.remat, lora=adapter, quant=config_lib.quant_config(config.model))
 
@@ -359,15 +359,18 @@ def evaluate_loss(eval_fn, trainable, frozen, batches) -> dict[str, float]:
     return evaluate.loss_report(loss_sum, tokens)
 
 
-def initial_adapters(config, cfg: ModelConfig, mesh, rules) -> dict:
-    """Fresh adapters, or those of an existing PEFT adapter folder (lora.init_from), sharded."""
+def initial_adapters(config, cfg: ModelConfig, mesh, rules, base: dict | None = None) -> dict:
+    """Fresh adapters (DoRA magnitudes from `base`), or those of an existing PEFT adapter folder
+    (lora.init_from), sharded."""
     if not config.lora.init_from:
-        return sharding.init_adapters_sharded(cfg, jax.random.key(config.train.seed + 1), mesh, rules)
+        return sharding.init_adapters_sharded(cfg, jax.random.key(config.train.seed + 1), mesh, rules, base=base)
     adapters, saved = peft_io.load_peft_adapter(config.lora.init_from, cfg.replace(lora=None))
-    if (saved.rank, saved.alpha, saved.targets, saved.rslora) != (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.rslora):
+    fields = ("rank", "alpha", "targets", "rslora", "dora")
+    if [getattr(saved, f) for f in fields] != [getattr(cfg.lora, f) for f in fields]:
         raise config_lib.ConfigError(
             f"lora.init_from={config.lora.init_from}: the adapter has rank {saved.rank}, alpha {saved.alpha}, targets "
-            f"{','.join(saved.targets)}, rslora {saved.rslora}; set the same --config.lora.* values to continue it")
+            f"{','.join(saved.targets)}, rslora {saved.rslora}, dora {saved.dora}; set the same --config.lora.* "
+            f"values to continue it")
     shardings = sharding.param_shardings(adapters, mesh, rules)
     # each process copies only the shards its own devices hold (device_put cannot reach other hosts)
     return jax.tree_util.tree_map(lambda x, sh: jax.make_array_from_callback(

@@ -91,7 +91,8 @@ def run_lora_config(run: ml_collections.ConfigDict) -> LoRAConfig | None:
     """The run's adapter settings, or None for a full fine-tuning run (lora.enabled false)."""
     if not run.lora.enabled:
         return None
-    return lora.lora_config(run.lora.rank, run.lora.alpha, run.lora.dropout, run.lora.targets, run.lora.rslora)
+    return lora.lora_config(run.lora.rank, run.lora.alpha, run.lora.dropout, run.lora.targets, run.lora.rslora,
+                            run.lora.dora)
 
 
 def run_added_tokens(run: ml_collections.ConfigDict) -> tuple[str, ...]:

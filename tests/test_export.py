@@ -268,7 +268,7 @@ def test_extended_vocabulary_travels_in_the_adapter(tiny_models, tmp_path, famil
 
 
 @pytest.mark.parametrize("change,named", [
-    ({"use_dora": True}, "use_dora"),
+    ({"use_dora": True, "target_modules": ["q_proj", "v_proj", "lm_head"]}, "use_dora=true on lm_head"),
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
     ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
     ({"bias": "lora_only"}, "bias"),

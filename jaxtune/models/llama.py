@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from jaxtune.models import quant
 from jaxtune.models.attention import attention
+from jaxtune.models.dora import dora_dense, weight_norm
 from jaxtune.models.kernels import dense, lora_dense
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -52,6 +53,7 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = LINEAR_TARGETS
     rslora: bool = False
+    dora: bool = False  # DoRA (jaxtune.models.dora): a trainable magnitude per output feature of linear targets
 
     @property
     def scaling(self) -> float:
@@ -185,6 +187,10 @@ class Linear(nn.Module):
             return dense(x, kernel, bias, dtype=self.dtype)
         a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), ADAPTER_DTYPE)
         b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), ADAPTER_DTYPE)
+        if self.lora.dora:  # magnitude m [out], initialised to ||W + scaling a b|| (jaxtune.lora sets it from the base)
+            magnitude = self.param("lora_magnitude", lambda _: weight_norm(kernel, a, b, self.lora.scaling))
+            return dora_dense(x, kernel, bias, a, b, magnitude, lora_dropout(self, x), scaling=self.lora.scaling,
+                              dtype=self.dtype)
         return lora_dense(x, kernel, bias, a, b, lora_dropout(self, x), scaling=self.lora.scaling, dtype=self.dtype)
 
 
