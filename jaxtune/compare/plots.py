@@ -81,7 +81,8 @@ def plot_lr_sensitivity(report: dict, path: pathlib.Path) -> None:
     ax.set_xlabel("learning rate")
     ax.set_ylabel(learning_label(report))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.set_title("Learning-rate sensitivity per method")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -100,7 +101,8 @@ def plot_loss_curves(report: dict, path: pathlib.Path) -> None:
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if report["curves"]:
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -128,7 +130,8 @@ def plot_spectra(report: dict, path: pathlib.Path) -> None:
         ax.set_title(f"{kind} (full rank {next(iter(report['spectra'].values())).get(kind, {}).get('full_rank', '?')})",
                      fontsize=9)
         ax.set_ylim(1e-4, 1.5)
-        ax.legend(fontsize=5)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=5)
     for ax in list(axes.flat)[len(kinds):]:
         ax.axis("off")
     fig.suptitle("dW singular values / largest (mean over layers); dotted: LoRA rank")

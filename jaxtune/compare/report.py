@@ -60,13 +60,21 @@ NOTES = ("`*` marks the Pareto front (no other arm learned more with less drift)
          "holding 90% of the weight change's energy, median over matrix types.")
 
 
+def budget(report: dict) -> str:
+    """What every arm trained on (the same for all: arms cannot change data.* or train.*)."""
+    t, d = report["config"]["train"], report["config"]["data"]
+    length = f"{t['epochs']} epochs" if t["epochs"] > 0 else f"{t['steps']} steps"
+    return (f"Every arm trained {length} of {t['batch_size']} rows of at most {d['max_len']} tokens from "
+            f"{d['train']}, the same batches in the same order (seed {t['seed']}).")
+
+
 def markdown(report: dict) -> str:
     header, rows = table(report)
     lines = ["# LoRA vs full fine-tuning", "", "## Verdict", ""]
     lines += [f"- {s}" for s in report["verdict"]["sentences"]]
     lines += ["", "## Arms", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", NOTES, ""]
+    lines += ["", budget(report) + " " + NOTES, ""]
     if report.get("plots_skipped"):
         lines += [f"Plots skipped: {report['plots_skipped']}.", ""]
     for name, file in report.get("plots", {}).items():
@@ -87,7 +95,7 @@ def page(report: dict, folder: pathlib.Path) -> str:
     parts += ["</ul><h2>Arms</h2><table id='arms'><thead><tr>"] + [f"<th>{esc(h)}</th>" for h in header]
     parts += ["</tr></thead><tbody>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
-    parts += ["</tbody></table>", f"<p>{esc(NOTES.replace('`', ''))}</p>"]
+    parts += ["</tbody></table>", f"<p>{esc(budget(report) + ' ' + NOTES.replace('`', ''))}</p>"]
     if report.get("plots_skipped"):
         parts.append(f"<p>Plots skipped: {esc(report['plots_skipped'])}.</p>")
     for name, file in report.get("plots", {}).items():

@@ -66,6 +66,7 @@ def run_job(job: str, folder: pathlib.Path, log_file: pathlib.Path) -> None:
     env = dict(os.environ)
     package_root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"  # the job's log is readable while it runs
     with open(log_file, "a") as out:
         code = subprocess.call([sys.executable, "-m", "jaxtune.compare.worker", job, str(folder)], stdout=out,
                                stderr=subprocess.STDOUT, env=env)

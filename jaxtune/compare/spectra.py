@@ -49,13 +49,16 @@ def per_layer(leaf: np.ndarray) -> list[np.ndarray]:
 
 
 def full_changes(before: Mapping, after: Mapping) -> dict[str, list[np.ndarray]]:
-    """matrix type -> singular values of dW per layer, for every 2-D weight (kernel / embedding) in `after`."""
+    """matrix type -> singular values of dW per layer, for every 2-D weight (kernel / embedding) in `after`
+    that changed."""
     base = params_lib.flat(before)
     out: dict[str, list[np.ndarray]] = {}
     for path, leaf in params_lib.flat(after).items():
         if path[-1] not in WEIGHT_LEAVES or np.ndim(leaf) < 2 or path not in base:
             continue
         delta = np.asarray(leaf, np.float32) - np.asarray(base[path], np.float32)
+        if not np.any(delta):  # untouched (e.g. a frozen matrix): no change to describe
+            continue
         out.setdefault(path[-2], []).extend(singular_values(m) for m in per_layer(delta))
     return out
 
