@@ -119,6 +119,21 @@ def test_compare_tasks_follow_data_train_unless_given():
     assert arms_lib.scored_tasks(config) == ["sql"]
 
 
+def test_adding_an_arm_leaves_the_other_arms_jobs_valid(tmp_path):
+    from jaxtune.compare import run
+
+    config = arms_lib.compare_config()
+    config.compare.arms = "a: mode=lora optim.lr=1e-3"
+    [a] = arms_lib.arm_configs(config)
+    run.write_spec(tmp_path / "arm.json", run.arm_spec(a, config), "arm a")
+    config.compare.arms = "a: mode=lora optim.lr=1e-3; b: mode=full optim.lr=1e-5"
+    run.write_spec(tmp_path / "arm.json", run.arm_spec(arms_lib.arm_configs(config)[0], config), "arm a")  # no error
+    config.compare.arms = "a: mode=lora optim.lr=3e-3"
+    with pytest.raises(ConfigError, match=r"arm a in .* was started with another config \(changes.optim.lr, "
+                                          r"config.optim.lr differ\): use a new --workdir, or delete"):
+        run.write_spec(tmp_path / "arm.json", run.arm_spec(arms_lib.arm_configs(config)[0], config), "arm a")
+
+
 # ============================================================================================
 # Spectra
 

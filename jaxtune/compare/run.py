@@ -39,10 +39,15 @@ def arm_dir(workdir: pathlib.Path, name: str) -> pathlib.Path:
     return workdir / "arms" / name
 
 
+def evaluation_settings(config: ml_collections.ConfigDict) -> dict:
+    """The compare group without the list of arms: adding or removing an arm leaves the others' jobs valid."""
+    return {k: v for k, v in config.compare.to_dict().items() if k != "arms"}
+
+
 def arm_spec(arm: Arm, config: ml_collections.ConfigDict) -> dict:
-    """What the worker of `arm` reads: its name, mode, changes, train config, the compare settings."""
+    """What the worker of `arm` reads: its name, mode, changes, train config, the evaluation settings."""
     return {"name": arm.name, "mode": arm.mode, "changes": arm.changes, "config": arm.config.to_dict(),
-            "compare": config.compare.to_dict(), "tasks": scored_tasks(config)}
+            "compare": evaluation_settings(config), "tasks": scored_tasks(config)}
 
 
 def write_spec(path: pathlib.Path, spec: dict, what: str) -> None:
@@ -78,7 +83,7 @@ def run_job(job: str, folder: pathlib.Path, log_file: pathlib.Path) -> None:
 def base_figures(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pathlib.Path) -> dict:
     """DIR/base/result.json, computed unless it exists."""
     folder = workdir / "base"
-    spec = {"config": arms[0].config.to_dict(), "compare": config.compare.to_dict(), "tasks": scored_tasks(config)}
+    spec = {"config": arms[0].config.to_dict(), "compare": evaluation_settings(config), "tasks": scored_tasks(config)}
     spec["config"] = {k: spec["config"][k] for k in ("model", "data", "train")}  # what the base figures depend on
     write_spec(folder / worker.BASE_SPEC, spec, "the base evaluation")
     result = folder / worker.RESULT_OUT
