@@ -16,10 +16,11 @@ from jaxtune.compare.arms import compare_config
 
 def get_config():
     config = compare_config()
+    # Arms run in this order, one method after the other: a partial report is a LoRA vs full comparison.
     config.compare.arms = ("lora_r16_lr3e-4: mode=lora lora.rank=16 lora.alpha=32 optim.lr=3e-4; "
+                           "full_lr1e-4: mode=full optim.lr=1e-4; "
                            "lora_r16_lr1e-3: mode=lora lora.rank=16 lora.alpha=32 optim.lr=1e-3; "
-                           "full_lr3e-5: mode=full optim.lr=3e-5; "
-                           "full_lr1e-4: mode=full optim.lr=1e-4")
+                           "full_lr3e-5: mode=full optim.lr=3e-5")
     config.lora.targets = "all-linear"
     config.lora.dropout = 0.0  # so few steps: dropout only adds noise
     config.data.train = "task:viggo+arithmetic"  # eval set: both validation splits; tasks scored: both
