@@ -62,8 +62,7 @@ def base_row(base: dict, arms: dict) -> dict:
     before = [c["eval_loss"][0] for c in losses if c["eval_steps"] and c["eval_steps"][0] == 0]
     return {"name": "base", "mode": "base", "method": "base model", "rank": None, "lr": None, "status": "base",
             **task_part(base["tasks"]), "heldout_loss": before[0] if before else None, "drift": 0.0, "qa_kept": 1.0,
-            "qa_n": base["general_qa"]["n_base_correct"], "distinct_2": base["diversity"]["distinct_2"],
-            "trainable_params": 0}
+            "qa_n": base["general_qa"]["n_base_correct"], "distinct_2": base["diversity"]["distinct_2"]}
 
 
 def learning(row: dict) -> float | None:

@@ -64,7 +64,7 @@ def budget(report: dict) -> str:
     """What every arm trained on (the same for all: arms cannot change data.* or train.*)."""
     t, d = report["config"]["train"], report["config"]["data"]
     length = f"{t['epochs']} epochs" if t["epochs"] > 0 else f"{t['steps']} steps"
-    return (f"Every arm trained {length} of {t['batch_size']} rows of at most {d['max_len']} tokens from "
+    return (f"Every arm trains {length} of {t['batch_size']} rows of at most {d['max_len']} tokens from "
             f"{d['train']}, the same batches in the same order (seed {t['seed']}).")
 
 

@@ -117,7 +117,7 @@ def base_job(base_dir: pathlib.Path) -> dict:
     record = {"tasks": task_scores(model, model.params, None, spec["tasks"], settings),
               "diversity": evaluate.diversity(model, model.params, None, prompts, settings),
               "general_qa": {"n_questions": len(questions), "n_base_correct": len(known)},
-              "trainable_params": params_lib.count_params(model.params)}
+              "model_params": params_lib.count_params(model.params)}
     write_json(base_dir / RESULT_OUT, record)
     return record
 
