@@ -31,6 +31,7 @@ log = logging.getLogger("jaxtune.compare")
 
 ARM_SPEC, TRAIN_OUT, RESULT_OUT, ATTEMPTS = "arm.json", "train.json", "result.json", "attempts.jsonl"
 BASE_SPEC = "base.json"
+PREDICTIONS = "task_predictions.json"  # each task's answers next to the expected ones
 
 
 def write_json(path: pathlib.Path, record: dict) -> None:
@@ -84,16 +85,20 @@ def train_arm(arm_dir: pathlib.Path) -> dict:
     return record
 
 
-def task_scores(model, params, lora_cfg, task_names: list[str], settings: evaluate.Settings) -> dict:
-    """task -> its scores (accuracy, the task's metrics, n) on the first settings.limit test examples."""
-    out = {}
+def task_scores(model, params, lora_cfg, task_names: list[str], settings: evaluate.Settings,
+                predictions_file: pathlib.Path) -> dict:
+    """task -> its scores (accuracy, the task's metrics, n) on the first settings.limit test examples;
+    the answers themselves go to predictions_file."""
+    out, predictions = {}, {}
     for name in task_names:
         examples = tasks.load_examples(name, settings.split)[:settings.limit]
         scores = evaluate.task_accuracy(model, name, examples, params=params, lora=lora_cfg,
                                         max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                                         template=settings.template)
         out[name] = {k: v for k, v in scores.items() if k != "predictions"}
+        predictions[name] = scores["predictions"]
         log.info("task %s: accuracy %.3f", name, scores["accuracy"])
+    write_json(predictions_file, predictions)
     return out
 
 
@@ -114,7 +119,7 @@ def base_job(base_dir: pathlib.Path) -> dict:
     reference = evaluate.base_reference(model, model.params, prompts, questions, settings,
                                         base_dir / evaluate.BASE_CACHE, key)
     known = evaluate.questions_base_knows(questions, reference["question_answers"])
-    record = {"tasks": task_scores(model, model.params, None, spec["tasks"], settings),
+    record = {"tasks": task_scores(model, model.params, None, spec["tasks"], settings, base_dir / PREDICTIONS),
               "diversity": evaluate.diversity(model, model.params, None, prompts, settings),
               "general_qa": {"n_questions": len(questions), "n_base_correct": len(known)},
               "model_params": params_lib.count_params(model.params)}
@@ -131,7 +136,8 @@ def evaluate_arm(arm_dir: pathlib.Path, base_dir: pathlib.Path) -> dict:
     model, params, lora_cfg = info["model"], info["params"], info["lora"]
     prompts, questions = general_inputs(settings)
     reference = read_json(base_dir / evaluate.BASE_CACHE)
-    record = {"step": info["step"], "tasks": task_scores(model, params, lora_cfg, spec["tasks"], settings),
+    record = {"step": info["step"], "tasks": task_scores(model, params, lora_cfg, spec["tasks"], settings,
+                                                         arm_dir / "compare" / PREDICTIONS),
               "drift": evaluate.drift(model, model.params, params, lora_cfg, prompts, reference["prompt_answers"],
                                       settings),
               "general_qa": evaluate.general_qa(model, params, lora_cfg, questions, reference["question_answers"],
