@@ -248,7 +248,7 @@ def test_verdict_on_lr_sensitivity_and_one_sided_or_diverged_runs():
     diverged = dict(row("f3", "full", 1e-3, None, None), status="diverged", message="loss is nan at step 3. Lower")
     out = verdict.verdict([row("l1", "lora", 1e-4, 0.2, 0.01), diverged])
     assert out["sentences"][0] == "f3 diverged: loss is nan at step 3."
-    assert "only LoRA arms have learning and forgetting figures" in out["sentences"][-1]
+    assert "So far only LoRA arms have learning figures: there is no LoRA vs full comparison" in out["sentences"][-1]
 
 
 # ============================================================================================
@@ -259,17 +259,25 @@ ARMS = "lora_a: mode=lora lora.rank=4 optim.lr=3e-3; lora_b: mode=lora lora.rank
 
 @pytest.fixture(scope="module")
 def compare_model(tiny_chat_model, tmp_path_factory):
-    """tiny_chat_model with its special tokens' embedding rows zeroed: a random model then answers the
-    general prompts with words (not an immediate end of turn), so drift has answers to measure."""
+    """A tiny random Llama with SmolLM2's tokenizer and chat template that answers every prompt with
+    words: every embedding row holds 4.0 in hidden dimension 0, and the (untied) head row of the token
+    ' blue' reads that dimension, so greedy decoding says "blue blue ..." instead of ending the turn at
+    once (a plain random model's answers are empty, and drift would have nothing to measure)."""
     import torch
     import transformers
 
     folder = tmp_path_factory.mktemp("compare_model")
-    for f in tiny_chat_model.iterdir():
-        shutil.copy(f, folder / f.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (tiny_chat_model / name).exists():
+            shutil.copy(tiny_chat_model / name, folder / name)
+    config = transformers.AutoConfig.from_pretrained(tiny_chat_model)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    [blue] = transformers.AutoTokenizer.from_pretrained(folder).encode(" blue", add_special_tokens=False)
     with torch.no_grad():
-        model.model.embed_tokens.weight[:17] = 0.0
+        model.model.embed_tokens.weight[:, 0] = 4.0
+        model.lm_head.weight[blue, 0] = 1.0
     model.save_pretrained(folder)
     return folder
 
@@ -385,7 +393,10 @@ def test_the_report_files_and_every_number_of_report_md_is_in_report_json(compar
     md = (workdir / "report.md").read_text()
     assert [r["name"] for r in report["rows"]] == ["lora_a", "lora_b", "full_a"]
     assert all(r["status"] == "finished" for r in report["rows"])
-    assert report["verdict"]["sentences"] and md.index("## Verdict") < md.index("## Arms")
+    assert md.index("## Verdict") < md.index("## Arms")
+    assert any(s.startswith("The best LoRA arm (") for s in report["verdict"]["sentences"]), report["verdict"]
+    assert all(r["drift"] is not None and r["rank90"] is not None for r in report["rows"])
+    assert report["pareto"] and set(report["pareto"]) <= {"lora_a", "lora_b", "full_a"}
     assert report["plots_skipped"] is None and set(report["plots"]) == {
         "learning_vs_forgetting", "lr_sensitivity", "loss_curves", "spectra", "cost"}
     numbers, strings = json_values(report)

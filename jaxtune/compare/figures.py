@@ -26,10 +26,14 @@ def method_of(spec: dict) -> str:
 
 
 def task_part(task_results: dict) -> dict:
-    """{task_accuracy: {task: acc}, task_score: mean over all examples, task_n: examples scored}."""
+    """{task_accuracy: {task: acc}, task_score: mean over all examples, task_n: examples scored,
+    task_metrics: {task: every numeric metric of the task's scorer}}."""
     n = sum(int(s["n"]) for s in task_results.values())
     score = sum(s["accuracy"] * int(s["n"]) for s in task_results.values()) / n if n else None
-    return {"task_accuracy": {t: s["accuracy"] for t, s in task_results.items()}, "task_score": score, "task_n": n}
+    metrics = {t: {k: v for k, v in s.items() if isinstance(v, (int, float)) and k not in ("n", "errors")}
+               for t, s in task_results.items()}
+    return {"task_accuracy": {t: s["accuracy"] for t, s in task_results.items()}, "task_score": score, "task_n": n,
+            "task_metrics": metrics}
 
 
 def arm_row(name: str, arm: dict) -> dict:
@@ -61,7 +65,8 @@ def base_row(base: dict, arms: dict) -> dict:
     losses = [a["result"]["curves"] for a in arms.values() if a["result"]]
     before = [c["eval_loss"][0] for c in losses if c["eval_steps"] and c["eval_steps"][0] == 0]
     return {"name": "base", "mode": "base", "method": "base model", "rank": None, "lr": None, "status": "base",
-            **task_part(base["tasks"]), "heldout_loss": before[0] if before else None, "drift": 0.0, "qa_kept": 1.0,
+            **task_part(base["tasks"]), "heldout_loss": before[0] if before else None, "drift": 0.0,
+            "qa_kept": 1.0 if base["general_qa"]["n_base_correct"] else None,
             "qa_n": base["general_qa"]["n_base_correct"], "distinct_2": base["diversity"]["distinct_2"]}
 
 
@@ -72,13 +77,14 @@ def learning(row: dict) -> float | None:
 
 
 def evaluated(rows: list[dict]) -> list[dict]:
-    """Finished arms with a learning figure and a drift figure."""
-    return [r for r in rows if r["status"] == "finished" and learning(r) is not None and r.get("drift") is not None]
+    """Finished arms with a learning figure."""
+    return [r for r in rows if r["status"] == "finished" and learning(r) is not None]
 
 
 def pareto_front(rows: list[dict]) -> list[str]:
-    """Names of the evaluated arms that no other arm beats on both learning (higher) and drift (lower)."""
-    candidates = evaluated(rows)
+    """Names of the evaluated arms with a drift figure that no other such arm beats on both learning
+    (higher) and drift (lower). Drift is missing when the base model gave no answer to any general prompt."""
+    candidates = [r for r in evaluated(rows) if r.get("drift") is not None]
 
     def dominated(r):
         return any(learning(o) >= learning(r) and o["drift"] <= r["drift"]

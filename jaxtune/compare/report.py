@@ -53,6 +53,17 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def task_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per scored task: (task, header, rows) with every numeric metric of its scorer, base and arms."""
+    rows = [r for r in [report["base"]] + report["rows"] if r.get("task_metrics")]
+    tables = []
+    for task in report["tasks"]:
+        names = list(dict.fromkeys(k for r in rows for k in r["task_metrics"].get(task, {})))
+        tables.append((task, ["arm"] + names,
+                       [[r["name"]] + [_num(r["task_metrics"][task].get(k), ".3f") for k in names] for r in rows]))
+    return tables
+
+
 NOTES = ("`*` marks the Pareto front (no other arm learned more with less drift). drift: increase of the loss on "
          "the base model's own greedy answers to general prompts; general QA kept: share of the general "
          "questions the base model answered right that the arm still answers right; tokens/s: median over the "
@@ -75,6 +86,10 @@ def markdown(report: dict) -> str:
     lines += ["", "## Arms", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", budget(report) + " " + NOTES, ""]
+    for task, task_header, task_rows in task_tables(report):
+        lines += [f"### {task}: every metric of its scorer", "", "| " + " | ".join(task_header) + " |",
+                  "|" + " --- |" * len(task_header)]
+        lines += ["| " + " | ".join(row) + " |" for row in task_rows] + [""]
     if report.get("plots_skipped"):
         lines += [f"Plots skipped: {report['plots_skipped']}.", ""]
     for name, file in report.get("plots", {}).items():
@@ -96,6 +111,11 @@ def page(report: dict, folder: pathlib.Path) -> str:
     parts += ["</tr></thead><tbody>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
     parts += ["</tbody></table>", f"<p>{esc(budget(report) + ' ' + NOTES.replace('`', ''))}</p>"]
+    for task, task_header, task_rows in task_tables(report):
+        parts.append(f"<h3>{esc(task)}: every metric of its scorer</h3><table class='task'><tr>"
+                     + "".join(f"<th>{esc(h)}</th>" for h in task_header) + "</tr>"
+                     + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in task_rows)
+                     + "</table>")
     if report.get("plots_skipped"):
         parts.append(f"<p>Plots skipped: {esc(report['plots_skipped'])}.</p>")
     for name, file in report.get("plots", {}).items():

@@ -87,12 +87,13 @@ def base_figures(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pa
     spec["config"] = {k: spec["config"][k] for k in ("model", "data", "train")}  # what the base figures depend on
     write_spec(folder / worker.BASE_SPEC, spec, "the base evaluation")
     result = folder / worker.RESULT_OUT
-    if result.exists():
-        log.info("base model: done (%s)", result)
-    else:
+    ran = not result.exists()
+    if ran:
         log.info("base model: evaluating (log: %s)", folder / "log.txt")
         run_job("base", folder, folder / "log.txt")
-    return worker.read_json(result)
+    else:
+        log.info("base model: done (%s)", result)
+    return {**worker.read_json(result), "ran": ran}
 
 
 def run_arm(arm: Arm, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
@@ -102,6 +103,7 @@ def run_arm(arm: Arm, config: ml_collections.ConfigDict, workdir: pathlib.Path) 
     write_spec(folder / "compare" / worker.ARM_SPEC, spec, f"arm {arm.name}")
     train_out, result_out = folder / "compare" / worker.TRAIN_OUT, folder / "compare" / worker.RESULT_OUT
     log_file = folder / "compare" / "log.txt"
+    ran = not (train_out.exists() and result_out.exists())
     if train_out.exists():
         log.info("arm %s: trained (skipped)", arm.name)
     else:
@@ -111,13 +113,13 @@ def run_arm(arm: Arm, config: ml_collections.ConfigDict, workdir: pathlib.Path) 
     trained = worker.read_json(train_out)
     if trained["status"] != "finished":
         log.info("arm %s: %s, not evaluated", arm.name, trained["status"])
-        return {"spec": spec, "train": trained, "result": None}
+        return {"spec": spec, "train": trained, "result": None, "ran": ran}
     if result_out.exists():
         log.info("arm %s: evaluated (skipped)", arm.name)
     else:
         log.info("arm %s: evaluating", arm.name)
         run_job("evaluate", folder, log_file)
-    return {"spec": spec, "train": trained, "result": worker.read_json(result_out)}
+    return {"spec": spec, "train": trained, "result": worker.read_json(result_out), "ran": ran}
 
 
 def pending(arm: Arm, config: ml_collections.ConfigDict) -> dict:
@@ -129,11 +131,14 @@ def pending(arm: Arm, config: ml_collections.ConfigDict) -> dict:
 def run_all(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pathlib.Path,
             after_each: Callable[[dict], None] = lambda runs: None) -> dict:
     """The base figures and every arm's, in the config's order -> {base, arms: {name: ...}};
-    `after_each(runs so far, the rest pending)` is called after the base and after each arm."""
+    `after_each(runs so far, the rest pending)` is called after the base and after each arm that
+    ran a job (not after those found done)."""
     workdir.mkdir(parents=True, exist_ok=True)
     runs = {"base": base_figures(config, arms, workdir), "arms": {arm.name: pending(arm, config) for arm in arms}}
-    after_each(runs)
+    if runs["base"]["ran"]:
+        after_each(runs)
     for arm in arms:
         runs["arms"][arm.name] = run_arm(arm, config, workdir)
-        after_each(runs)
+        if runs["arms"][arm.name]["ran"]:
+            after_each(runs)
     return runs

@@ -31,7 +31,7 @@ def two_se(p: float, q: float, n_p: int, n_q: int) -> float:
 
 
 def best(rows: list[dict]) -> dict | None:
-    return max(rows, key=lambda r: (learning(r), -r["drift"]), default=None)
+    return max(rows, key=lambda r: (learning(r), -(r["drift"] if r.get("drift") is not None else 0.0)), default=None)
 
 
 def fmt_lr(lr: float) -> str:
@@ -59,15 +59,18 @@ def learning_sentence(lo: dict, fu: dict, figures: dict) -> str:
 
 
 def forgetting_sentence(lo: dict, fu: dict, figures: dict) -> str:
-    a, b = lo["drift"], fu["drift"]
-    figures.update(lora_drift=a, full_drift=b)
-    if abs(a - b) < LOSS_NOISE:
+    a, b = lo.get("drift"), fu.get("drift")
+    if a is None or b is None:
+        text = "Drift from the base model was not measured (the base model answered no general prompt)"
+    elif abs(a - b) < LOSS_NOISE:
         text = f"They drift the same from the base model within {LOSS_NOISE} nats ({a:+.3f} vs {b:+.3f})"
     elif b > LOSS_NOISE and a >= 0:
         figures["drift_ratio"] = a / b
         text = f"LoRA's drift from the base model is {a / b:.2f}x full's ({a:+.3f} vs {b:+.3f} nats)"
     else:
         text = f"Drift from the base model: LoRA {a:+.3f}, full {b:+.3f} nats"
+    if a is not None and b is not None:
+        figures.update(lora_drift=a, full_drift=b)
     qa_a, qa_b = lo.get("qa_kept"), fu.get("qa_kept")
     if qa_a is None or qa_b is None:
         return text + "."
@@ -139,8 +142,8 @@ def verdict(rows: list[dict]) -> dict:
     lora_rows, full_rows = [r for r in done if r["mode"] == "lora"], [r for r in done if r["mode"] == "full"]
     if not lora_rows or not full_rows:
         have = "only LoRA arms have" if lora_rows else "only full arms have" if full_rows else "no arm has"
-        return {"sentences": sentences + [f"So far {have} learning and forgetting figures: there is no LoRA vs "
-                                          f"full comparison to state."], "figures": figures}
+        return {"sentences": sentences + [f"So far {have} learning figures: there is no LoRA vs full comparison "
+                                          f"to state."], "figures": figures}
     lo, fu = best(lora_rows), best(full_rows)
     figures.update(best_lora=lo["name"], best_full=fu["name"])
     sentences += [learning_sentence(lo, fu, figures), forgetting_sentence(lo, fu, figures),
