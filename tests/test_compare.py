@@ -134,6 +134,27 @@ def test_adding_an_arm_leaves_the_other_arms_jobs_valid(tmp_path):
         run.write_spec(tmp_path / "arm.json", run.arm_spec(arms_lib.arm_configs(config)[0], config), "arm a")
 
 
+def test_report_only_collects_done_jobs_and_runs_nothing(tmp_path):
+    from jaxtune.compare import run, worker
+
+    config = arms_lib.compare_config()
+    config.compare.arms = "a: mode=lora; b: mode=full; c: mode=full optim.lr=1e-3"
+    arms = arms_lib.arm_configs(config)
+    with pytest.raises(ConfigError, match="has no base model figures"):
+        run.collect(config, arms, tmp_path)
+    worker.write_json(tmp_path / "base" / worker.RESULT_OUT, {"tasks": {}})
+    a = tmp_path / "arms" / "a" / "compare"
+    worker.write_json(a / worker.TRAIN_OUT, {"status": "finished"})
+    worker.write_json(a / worker.RESULT_OUT, {"tasks": {}})
+    worker.write_json(tmp_path / "arms" / "b" / "compare" / worker.TRAIN_OUT, {"status": "finished"})  # not evaluated
+    worker.write_json(tmp_path / "arms" / "c" / "compare" / worker.TRAIN_OUT, {"status": "diverged"})
+    runs = run.collect(config, arms, tmp_path)
+    assert runs["arms"]["a"]["result"] == {"tasks": {}}
+    assert runs["arms"]["b"]["train"]["status"] == "pending"
+    assert runs["arms"]["c"]["train"]["status"] == "diverged" and runs["arms"]["c"]["result"] is None
+    assert not (tmp_path / "arms" / "a" / "compare" / worker.ARM_SPEC).exists()  # nothing written
+
+
 # ============================================================================================
 # Spectra
 

@@ -2,7 +2,8 @@
 
 Validates the compare config and every arm's train config before any compute, runs the base
 evaluation and the arms (jaxtune.compare.run; rerun the command to resume), then writes
-DIR/report.json, DIR/report.md and DIR/report.html (plots under DIR/plots/ with matplotlib).
+DIR/report.json, DIR/report.md and DIR/report.html (plots under DIR/plots/ with matplotlib), also
+after each arm. `--report_only` runs nothing and writes the report of what is done.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from jaxtune.errors import JaxtuneError
 log = logging.getLogger("jaxtune.compare")
 
 
-def compare(config, workdir: str | pathlib.Path) -> dict[str, pathlib.Path]:
-    """The whole command: arms -> runs -> report files (their paths)."""
+def compare(config, workdir: str | pathlib.Path, report_only: bool = False) -> dict[str, pathlib.Path]:
+    """The whole command: arms -> runs -> report files (their paths). report_only: run no job, write
+    the report of what is done."""
     workdir = pathlib.Path(workdir)
     arms = arms_lib.arm_configs(config)
     log.info("%d arms: %s", len(arms), ", ".join(a.name for a in arms))
@@ -32,7 +34,9 @@ def compare(config, workdir: str | pathlib.Path) -> dict[str, pathlib.Path]:
         full = report.assemble(config.to_dict(), task_names, runs)
         return full, report.write(full, workdir)
 
-    full, paths = write_report(run.run_all(config, arms, workdir, after_each=write_report))
+    runs = run.collect(config, arms, workdir) if report_only else run.run_all(config, arms, workdir,
+                                                                               after_each=write_report)
+    full, paths = write_report(runs)
     for sentence in full["verdict"]["sentences"]:
         log.info("verdict: %s", sentence)
     if full["plots_skipped"]:
@@ -63,7 +67,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     workdir = FLAGS.workdir or str(pathlib.Path("runs") / pathlib.Path(FLAGS["config"].config_filename).stem)
     try:
-        compare(FLAGS.config, workdir)
+        compare(FLAGS.config, workdir, report_only=FLAGS.report_only)
     except JaxtuneError as e:
         log.error("%s", e)
         sys.exit(2)
@@ -75,5 +79,6 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "compare config file (configs/compare.py)", lock_config=True)
     flags.DEFINE_string("workdir", "", "compare directory (default runs/<config name>); rerun to resume")
+    flags.DEFINE_bool("report_only", False, "run nothing: write the report of the jobs already done")
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_flags)

@@ -142,3 +142,21 @@ def run_all(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pathlib
         if runs["arms"][arm.name]["ran"]:
             after_each(runs)
     return runs
+
+
+def collect(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pathlib.Path) -> dict:
+    """What run_all would return, from the jobs already done, running nothing (arms not done are
+    pending; an arm trained but not evaluated is pending too)."""
+    base = workdir / "base" / worker.RESULT_OUT
+    if not base.exists():
+        raise CompareConfigError(f"{workdir} has no base model figures ({base}): run the compare first")
+    runs = {"base": worker.read_json(base), "arms": {}}
+    for arm in arms:
+        folder = arm_dir(workdir, arm.name) / "compare"
+        trained = folder / worker.TRAIN_OUT
+        done = trained.exists() and ((folder / worker.RESULT_OUT).exists()
+                                     or worker.read_json(trained)["status"] != "finished")
+        runs["arms"][arm.name] = pending(arm, config) if not done else {
+            "spec": arm_spec(arm, config), "train": worker.read_json(trained), "ran": False,
+            "result": worker.read_json(folder / worker.RESULT_OUT) if (folder / worker.RESULT_OUT).exists() else None}
+    return runs
