@@ -220,7 +220,9 @@ def row(name, mode, lr, score, drift, **extra):
             "rank": 16 if mode == "lora" else None, "status": "finished", "task_score": score, "task_n": 100,
             "drift": drift, "qa_kept": 0.9, "qa_n": 20, "heldout_loss": 1.0, "peak_rss_bytes": None,
             "checkpoint_bytes": None, "trainable_params": None, "tokens_per_s": None, "rank90": None}
-    return {**base, **extra}
+    out = {**base, **extra}
+    figures.set_learning([out])
+    return out
 
 
 def test_the_pareto_front_keeps_arms_no_other_beats_on_both_axes():
@@ -258,6 +260,18 @@ def test_verdict_without_tasks_compares_held_out_loss():
     fu = row("full", "full", 1e-4, None, 0.1, heldout_loss=1.20)
     text = " ".join(verdict.verdict([lo, fu])["sentences"])
     assert "held-out loss 1.500 vs 1.200 (full lower)" in text
+
+
+def test_all_zero_accuracies_fall_back_to_held_out_loss():
+    rows = [row("lora", "lora", 1e-3, 0.0, 0.1, heldout_loss=1.70), row("full", "full", 1e-4, 0.0, 0.1, heldout_loss=1.40)]
+    figures.set_learning(rows)
+    assert [r["learning_by"] for r in rows] == ["heldout", "heldout"] and rows[1]["learning"] == -1.40
+    text = " ".join(verdict.verdict(rows)["sentences"])
+    assert "No arm answered any scored task example exactly right (accuracy 0 on all 100 per arm)" in text
+    assert "held-out loss 1.700 vs 1.400 (full lower)" in text and "task accuracy" not in text
+    rows[0]["task_score"] = 0.01  # one right answer: accuracy decides again
+    figures.set_learning(rows)
+    assert rows[0]["learning_by"] == "task" and "task accuracy" in " ".join(verdict.verdict(rows)["sentences"])
 
 
 def test_verdict_on_lr_sensitivity_and_one_sided_or_diverged_runs():

@@ -7,7 +7,7 @@ QA kept: share of the general questions the base answered right that the arm sti
 distinct-2), cost (tokens/s, peak RSS of the training process, wall time, checkpoint bytes,
 trainable parameters) and the weight change's rank for 90% energy (median over matrix types).
 `learning(row)` is what "learned more" means: mean task accuracy, or minus the held-out loss when
-no task is scored. `pareto_front(rows)` marks the arms no other arm beats on learning and forgetting.
+no task is scored or no row answered any task example right (`learning_basis`). `pareto_front(rows)` marks the arms no other arm beats on learning and forgetting.
 """
 
 from __future__ import annotations
@@ -70,10 +70,24 @@ def base_row(base: dict, arms: dict) -> dict:
             "qa_n": base["general_qa"]["n_base_correct"], "distinct_2": base["diversity"]["distinct_2"]}
 
 
+def learning_basis(rows: list[dict]) -> str:
+    """'task' (mean task accuracy) when a task is scored and some row answered some example right;
+    else 'heldout' (minus the held-out loss): all-zero accuracies cannot tell the arms apart."""
+    scores = [r.get("task_score") for r in rows]
+    return "task" if any(s for s in scores if s is not None) else "heldout"
+
+
+def set_learning(rows: list[dict]) -> None:
+    """row['learning'] (higher = learned more) and row['learning_by'] for every row, on one basis."""
+    basis = learning_basis(rows)
+    for r in rows:
+        r["learning_by"] = basis
+        loss = r.get("heldout_loss")
+        r["learning"] = r.get("task_score") if basis == "task" else (-loss if loss is not None else None)
+
+
 def learning(row: dict) -> float | None:
-    if row.get("task_score") is not None:
-        return row["task_score"]
-    return -row["heldout_loss"] if row.get("heldout_loss") is not None else None
+    return row.get("learning")
 
 
 def evaluated(rows: list[dict]) -> list[dict]:
@@ -96,4 +110,6 @@ def pareto_front(rows: list[dict]) -> list[str]:
 def build(runs: dict) -> dict:
     """{base, rows, pareto}: the figures of a whole compare."""
     rows = [arm_row(name, arm) for name, arm in runs["arms"].items()]
-    return {"base": base_row(runs["base"], runs["arms"]), "rows": rows, "pareto": pareto_front(rows)}
+    base = base_row(runs["base"], runs["arms"])
+    set_learning([base] + rows)
+    return {"base": base, "rows": rows, "pareto": pareto_front(rows)}

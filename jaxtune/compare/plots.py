@@ -24,7 +24,7 @@ def pyplot():
 
 
 def learning_label(report: dict) -> str:
-    return "task accuracy (mean over tasks)" if report["base"].get("task_score") is not None else "- held-out loss"
+    return "task accuracy (mean over tasks)" if report["base"]["learning_by"] == "task" else "- held-out loss"
 
 
 def plot_learning_vs_forgetting(report: dict, path: pathlib.Path) -> None:

@@ -1,7 +1,8 @@
 """The verdict: a few sentences generated from the figures by explicit rules, never more than they say.
 
 Rules (each sentence's numbers are also returned in `figures`, so report.json holds them):
-  * The best arm of each method is the one that learned most (figures.learning); ties go to less drift.
+  * The best arm of each method is the one that learned most (figures.learning: task accuracy, or
+    held-out loss when no task is scored or every accuracy is 0); ties go to less drift.
   * Accuracies are compared against 2 standard errors of their difference (binomial, over the
     examples scored): within it, the sentence says "the same within noise" and gives no ratio.
     Without a task, held-out losses closer than LOSS_NOISE nats are a tie.
@@ -40,7 +41,7 @@ def fmt_lr(lr: float) -> str:
 
 def learning_sentence(lo: dict, fu: dict, figures: dict) -> str:
     who = f"The best LoRA arm ({lo['name']}, lr {fmt_lr(lo['lr'])}) and the best full arm ({fu['name']}, lr {fmt_lr(fu['lr'])})"
-    if lo.get("task_score") is not None and fu.get("task_score") is not None:
+    if lo["learning_by"] == "task":
         a, b = lo["task_score"], fu["task_score"]
         noise = two_se(a, b, lo["task_n"], fu["task_n"])
         figures.update(lora_task_score=a, full_task_score=b, task_noise_2se=noise, task_n=lo["task_n"])
@@ -107,7 +108,7 @@ def sensitivity_sentence(lora_rows: list[dict], full_rows: list[dict], lo: dict,
         spans[key] = max(values) - min(values)
         figures[f"{key}_learning_min"], figures[f"{key}_learning_max"] = min(values), max(values)
     figures.update(lora_lr_span=spans["lora"], full_lr_span=spans["full"], best_lr_ratio=lo["lr"] / fu["lr"])
-    what = "task accuracy" if lo.get("task_score") is not None else "minus held-out loss"
+    what = "task accuracy" if lo["learning_by"] == "task" else "minus held-out loss"
     noise = figures.get("task_noise_2se", LOSS_NOISE)
     if abs(spans["lora"] - spans["full"]) <= noise:
         judged = "similar sensitivity within noise"
@@ -146,6 +147,10 @@ def verdict(rows: list[dict]) -> dict:
                                           f"to state."], "figures": figures}
     lo, fu = best(lora_rows), best(full_rows)
     figures.update(best_lora=lo["name"], best_full=fu["name"])
+    if lo["learning_by"] == "heldout" and lo.get("task_n"):
+        sentences.append(f"No arm answered any scored task example exactly right (accuracy 0 on all "
+                         f"{lo['task_n']} per arm): at this budget accuracy cannot tell the arms apart, so "
+                         f"learning is compared by held-out loss.")
     sentences += [learning_sentence(lo, fu, figures), forgetting_sentence(lo, fu, figures),
                   cost_sentence(lo, fu, figures), sensitivity_sentence(lora_rows, full_rows, lo, fu, figures),
                   rank_sentence(lo, fu, figures)]
