@@ -127,8 +127,8 @@ def plot_spectra(report: dict, path: pathlib.Path) -> None:
         ranks = {r["rank"] for r in report["rows"] if r["mode"] == "lora"}
         for rank in ranks:
             ax.axvline(rank, color="gray", linestyle=":", lw=1)
-        ax.set_title(f"{kind} (full rank {next(iter(report['spectra'].values())).get(kind, {}).get('full_rank', '?')})",
-                     fontsize=9)
+        full_rank = next(s[kind]["full_rank"] for s in report["spectra"].values() if kind in s)
+        ax.set_title(f"{kind} (full rank {full_rank})", fontsize=9)
         ax.set_ylim(1e-4, 1.5)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=5)
