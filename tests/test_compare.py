@@ -274,6 +274,24 @@ def test_all_zero_accuracies_fall_back_to_held_out_loss():
     assert rows[0]["learning_by"] == "task" and "task accuracy" in " ".join(verdict.verdict(rows)["sentences"])
 
 
+def test_without_matplotlib_the_report_is_written_and_says_plots_were_skipped(tmp_path, monkeypatch):
+    from jaxtune.compare import plots, report
+
+    def no_matplotlib():
+        raise ImportError("matplotlib is not installed (No module named 'matplotlib'): pip install 'jaxtune[plot]'")
+
+    monkeypatch.setattr(plots, "pyplot", no_matplotlib)
+    rows = [row("lora", "lora", 1e-3, 0.6, 0.05), row("full", "full", 1e-4, 0.7, 0.1)]
+    base = dict(row("base", "base", None, 0.1, 0.0), method="base model", status="base")
+    full = {"config": arms_lib.compare_config().to_dict(), "tasks": [], "base": base, "rows": rows,
+            "pareto": figures.pareto_front(rows), "verdict": verdict.verdict(rows), "curves": {}, "spectra": {}}
+    paths = report.write(full, tmp_path)
+    md = paths["md"].read_text()
+    assert "Plots skipped: matplotlib is not installed" in md and "![" not in md and "| lora" in md
+    assert json.loads(paths["json"].read_text())["plots_skipped"].startswith("matplotlib is not installed")
+    assert "<img" not in paths["html"].read_text() and not (tmp_path / "plots").exists()
+
+
 def test_verdict_on_lr_sensitivity_and_one_sided_or_diverged_runs():
     rows = [row("l1", "lora", 1e-4, 0.20, 0.01), row("l2", "lora", 1e-3, 0.80, 0.05),
             row("f1", "full", 1e-5, 0.70, 0.1), row("f2", "full", 1e-4, 0.75, 0.2)]

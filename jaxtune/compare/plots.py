@@ -15,11 +15,14 @@ COLORS = {"lora": "tab:blue", "full": "tab:red", "base": "black"}
 
 
 def pyplot():
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend (no display needed); ImportError without the `plot` extra."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(f"matplotlib is not installed ({e}): pip install 'jaxtune[plot]' for the plots") from e
     return plt
 
 
@@ -170,7 +173,7 @@ def write_plots(report: dict, folder: pathlib.Path) -> tuple[dict[str, str], str
     try:
         pyplot()
     except ImportError as e:
-        return {}, f"matplotlib is not installed ({e}): pip install 'jaxtune[plot]' for the plots"
+        return {}, str(e)
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, plot in PLOTS.items():
