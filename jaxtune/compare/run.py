@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from jaxtune import checkpoint
 from jaxtune import config as config_lib
 from jaxtune.compare import worker
 from jaxtune.compare.arms import Arm, CompareConfigError, scored_tasks
@@ -107,7 +108,7 @@ def run_arm(arm: Arm, config: ml_collections.ConfigDict, workdir: pathlib.Path) 
     if train_out.exists():
         log.info("arm %s: trained (skipped)", arm.name)
     else:
-        resumed = (folder / "checkpoints").is_dir()
+        resumed = bool(checkpoint.step_dirs(checkpoint.checkpoint_dir(folder)))
         log.info("arm %s: %s (log: %s)", arm.name, "resuming training" if resumed else "training", log_file)
         run_job("train", folder, log_file)
     trained = worker.read_json(train_out)
