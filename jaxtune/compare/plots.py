@@ -97,9 +97,11 @@ def plot_loss_curves(report: dict, path: pathlib.Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
     cmap = plt.get_cmap("tab10")
+    status = {r["name"]: r["status"] for r in report["rows"]}
     for i, (name, curves) in enumerate(report["curves"].items()):
-        axes[0].plot(curves["train_steps"], curves["train_loss"], color=cmap(i % 10), label=name, lw=1.2)
-        axes[1].plot(curves["eval_steps"], curves["eval_loss"], "o--", color=cmap(i % 10), label=name, lw=1.2)
+        label = name if status[name] == "finished" else f"{name} ({status[name]}: so far)"
+        axes[0].plot(curves["train_steps"], curves["train_loss"], color=cmap(i % 10), label=label, lw=1.2)
+        axes[1].plot(curves["eval_steps"], curves["eval_loss"], "o--", color=cmap(i % 10), label=label, lw=1.2)
     for ax, title in zip(axes, ("training loss", "held-out loss")):
         ax.set_xlabel("step")
         ax.set_title(title)

@@ -23,7 +23,8 @@ def assemble(config_dict: dict, task_names: list[str], runs: dict) -> dict:
     report = {"config": config_dict, "tasks": task_names, **figures.build(runs)}
     report["verdict"] = verdict.verdict(report["rows"])
     done = {name: arm["result"] for name, arm in runs["arms"].items() if arm["result"]}
-    report["curves"] = {name: result["curves"] for name, result in done.items()}
+    report["curves"] = {name: arm["result"]["curves"] if arm["result"] else arm["curves"]
+                        for name, arm in runs["arms"].items() if arm["result"] or arm.get("curves")}
     report["spectra"] = {name: result.get("spectra") or {} for name, result in done.items()}
     report["load_average_at_report"] = list(os.getloadavg())
     return report

@@ -123,10 +123,14 @@ def run_arm(arm: Arm, config: ml_collections.ConfigDict, workdir: pathlib.Path) 
     return {"spec": spec, "train": trained, "result": worker.read_json(result_out), "ran": ran}
 
 
-def pending(arm: Arm, config: ml_collections.ConfigDict) -> dict:
-    """An arm not run yet, as run_arm's record (train status 'pending')."""
-    return {"spec": arm_spec(arm, config), "result": None,
-            "train": {"status": "pending", "message": None, "wall_s": None, "peak_rss_bytes": None, "attempts": 0}}
+def pending(arm: Arm, config: ml_collections.ConfigDict, workdir: pathlib.Path | None = None) -> dict:
+    """An arm not done yet, as run_arm's record (train status 'pending'), with its loss curves so far
+    when it has started (its metrics.jsonl in `workdir`)."""
+    record = {"spec": arm_spec(arm, config), "result": None,
+              "train": {"status": "pending", "message": None, "wall_s": None, "peak_rss_bytes": None, "attempts": 0}}
+    if workdir is not None and (arm_dir(workdir, arm.name) / "metrics.jsonl").exists():
+        record["curves"] = worker.curves(arm_dir(workdir, arm.name))
+    return record
 
 
 def run_all(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pathlib.Path,
@@ -157,7 +161,7 @@ def collect(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pathlib
         trained = folder / worker.TRAIN_OUT
         done = trained.exists() and ((folder / worker.RESULT_OUT).exists()
                                      or worker.read_json(trained)["status"] != "finished")
-        runs["arms"][arm.name] = pending(arm, config) if not done else {
+        runs["arms"][arm.name] = pending(arm, config, workdir) if not done else {
             "spec": arm_spec(arm, config), "train": worker.read_json(trained), "ran": False,
             "result": worker.read_json(folder / worker.RESULT_OUT) if (folder / worker.RESULT_OUT).exists() else None}
     return runs
