@@ -138,7 +138,7 @@ def verdict(rows: list[dict]) -> dict:
                  if r["status"] == "diverged"]
     waiting = [r["name"] for r in rows if r["status"] == "pending"]
     if waiting:
-        sentences.append(f"Not run yet: {', '.join(waiting)} (this report covers the arms done so far).")
+        sentences.append(f"Not done yet: {', '.join(waiting)} (this report covers the arms done so far).")
     done = evaluated(rows)
     lora_rows, full_rows = [r for r in done if r["mode"] == "lora"], [r for r in done if r["mode"] == "full"]
     if not lora_rows or not full_rows:
