@@ -155,6 +155,31 @@ def test_report_only_collects_done_jobs_and_runs_nothing(tmp_path):
     assert not (tmp_path / "arms" / "a" / "compare" / worker.ARM_SPEC).exists()  # nothing written
 
 
+def test_a_failed_arm_is_reported_and_the_next_arms_still_run(tmp_path, monkeypatch):
+    from jaxtune.compare import run, worker
+
+    config = arms_lib.compare_config()
+    config.compare.arms = "a: mode=full; b: mode=lora"
+    arms = arms_lib.arm_configs(config)
+    worker.write_json(tmp_path / "base" / worker.RESULT_OUT, {"tasks": {}})  # the base job is done
+    jobs = []
+
+    def fake_job(job, folder, log_file):
+        jobs.append((job, folder.name))
+        if folder.name == "a":
+            raise run.ArmFailed(f"{job} of {folder} failed (exit code -9); see {log_file}:")
+        out = folder / "compare" / (worker.TRAIN_OUT if job == "train" else worker.RESULT_OUT)
+        worker.write_json(out, {"status": "finished"} if job == "train" else {"tasks": {}})
+
+    monkeypatch.setattr(run, "run_job", fake_job)
+    runs = run.run_all(config, arms, tmp_path)
+    assert jobs == [("train", "a"), ("train", "b"), ("evaluate", "b")]
+    assert runs["arms"]["a"]["train"]["status"] == "failed" and "exit code -9" in runs["arms"]["a"]["train"]["message"]
+    assert runs["arms"]["b"]["result"] == {"tasks": {}}
+    failed = dict(row("a", "full", 1e-5, None, None), status="failed", message=runs["arms"]["a"]["train"]["message"])
+    assert verdict.verdict([failed])["sentences"][0].startswith("a failed: train of ")
+
+
 # ============================================================================================
 # Spectra
 

@@ -78,7 +78,8 @@ def run_job(job: str, folder: pathlib.Path, log_file: pathlib.Path) -> None:
                                stderr=subprocess.STDOUT, env=env)
     if code != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-12:])
-        raise ArmFailed(f"{job} of {folder} failed (exit code {code}); see {log_file}:\n{tail}")
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"  # SIGKILL: often the OOM killer
+        raise ArmFailed(f"{job} of {folder} failed ({how}); see {log_file}:\n{tail}")
 
 
 def base_figures(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pathlib.Path) -> dict:
@@ -126,7 +127,7 @@ def run_arm(arm: Arm, config: ml_collections.ConfigDict, workdir: pathlib.Path) 
 def pending(arm: Arm, config: ml_collections.ConfigDict, workdir: pathlib.Path | None = None) -> dict:
     """An arm not done yet, as run_arm's record (train status 'pending'), with its loss curves so far
     when it has started (its metrics.jsonl in `workdir`)."""
-    record = {"spec": arm_spec(arm, config), "result": None,
+    record = {"spec": arm_spec(arm, config), "result": None, "ran": True,
               "train": {"status": "pending", "message": None, "wall_s": None, "peak_rss_bytes": None, "attempts": 0}}
     if workdir is not None and (arm_dir(workdir, arm.name) / "metrics.jsonl").exists():
         record["curves"] = worker.curves(arm_dir(workdir, arm.name))
@@ -137,13 +138,19 @@ def run_all(config: ml_collections.ConfigDict, arms: list[Arm], workdir: pathlib
             after_each: Callable[[dict], None] = lambda runs: None) -> dict:
     """The base figures and every arm's, in the config's order -> {base, arms: {name: ...}};
     `after_each(runs so far, the rest pending)` is called after the base and after each arm that
-    ran a job (not after those found done)."""
+    ran a job (not after those found done). An arm whose job fails (ArmFailed: killed, out of
+    memory, crashed) is reported 'failed' and the next arms run; a rerun retries it."""
     workdir.mkdir(parents=True, exist_ok=True)
     runs = {"base": base_figures(config, arms, workdir), "arms": {arm.name: pending(arm, config) for arm in arms}}
     if runs["base"]["ran"]:
         after_each(runs)
     for arm in arms:
-        runs["arms"][arm.name] = run_arm(arm, config, workdir)
+        try:
+            runs["arms"][arm.name] = run_arm(arm, config, workdir)
+        except ArmFailed as e:  # killed (out of memory, ...) or crashed: the next arms still run
+            log.error("arm %s failed; the compare goes on with the next arm (rerun to retry it): %s", arm.name, e)
+            runs["arms"][arm.name] = pending(arm, config, workdir)
+            runs["arms"][arm.name]["train"].update(status="failed", message=str(e).split("\n")[0])
         if runs["arms"][arm.name]["ran"]:
             after_each(runs)
     return runs

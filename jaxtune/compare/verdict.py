@@ -134,8 +134,8 @@ def rank_sentence(lo: dict, fu: dict, figures: dict) -> str:
 def verdict(rows: list[dict]) -> dict:
     """{sentences: [...], figures: {...}} for the arms' rows (see the module docstring for the rules)."""
     figures: dict = {}
-    sentences = [f"{r['name']} diverged: {(r.get('message') or '').split('.')[0]}." for r in rows
-                 if r["status"] == "diverged"]
+    sentences = [f"{r['name']} {r['status']}: {(r.get('message') or '').split('.')[0].split(';')[0]}." for r in rows
+                 if r["status"] in ("diverged", "failed")]
     waiting = [r["name"] for r in rows if r["status"] == "pending"]
     if waiting:
         sentences.append(f"Not done yet: {', '.join(waiting)} (this report covers the arms done so far).")
