@@ -39,6 +39,8 @@ NEEDED_WITHOUT_IMPORT = {
 # Opt-in paths that may import a package outside the base install: (package, file) -> the feature.
 OPTIONAL_IMPORTS = {
     ("torch", "jaxtune/hf.py"): "reading pickled PyTorch .bin weights, only with model.allow_pickle=True",
+    ("fastapi", "jaxtune/serve.py"): "the OpenAI-compatible server, python -m jaxtune.serve (the `serve` extra)",
+    ("uvicorn", "jaxtune/serve.py"): "the OpenAI-compatible server, python -m jaxtune.serve (the `serve` extra)",
 }
 
 

@@ -20,14 +20,15 @@ process on the real model's shapes):
     einsums. Cost per row: one [T, in] x [in, R] and one [T, R] x [R, out] product, whatever N is.
   * `grouped_delta` (SGMV, S-LoRA/Punica's segmented matmul): sort the rows by slot and run
     `jax.lax.ragged_dot` over the N groups, then unsort.
-`bank_dense` uses the gathered form. Measured on this CPU (SmolLM2-135M shapes, 2 cores, float32,
-8 slots of rank 16; `bench_serve.py --kernels`): for one decode token per row (T = 1, B = 8..64) the
-gathered delta ran 2-5x faster than the grouped one, and for a 64-token prefill about as fast or
-faster; XLA:CPU lowers `ragged_dot` to a loop over all N groups with a dense [rows, in] x [in, R]
-product per group (masked), so its cost grows with N while the gather's does not, and the gather's
-extra bytes ([B, in, R] per projection) are small next to the base kernel the step reads anyway. On
-accelerators with a native grouped-matmul kernel the balance can change; `grouped_delta` stays as the
-measured alternative.
+`bank_dense` uses the gathered form, the faster one in every case measured. `bench_serve.py
+--kernels_only` on this 2-core CPU (float32, 9 slots of rank 16, 576 -> 1536, interleaved in one
+process, load average 12): 8 rows x 1 token (decode) 0.08 ms vs 0.26 ms; 64 x 1 1.03 vs 1.20 ms;
+8 x 64 (prefill) 0.54 vs 7.1 ms. Why: XLA:CPU has no grouped-matmul kernel; `ragged_dot` is
+expanded into dense dots over all N groups with the other groups' rows masked out, so its cost grows
+with N (8 x 64 rows: 16 ms at N = 9, 108 ms at N = 33, while the gather took 0.5 ms at both), and the
+sort and scatter back add their own passes. The gather's extra bytes (each row's [in, R] and
+[R, out], small next to the base kernel a step reads anyway) do not grow with N. On an accelerator with a native grouped matmul (TPU's megablox, GPU Punica-style
+kernels) the balance may change; `grouped_delta` stays here, tested, as the measured alternative.
 """
 
 from __future__ import annotations
