@@ -173,6 +173,18 @@ def test_concurrent_requests_for_different_adapters_are_batched_together(served)
     assert sum(int(k) * v for k, v in stats["batch_sizes"].items()) == stats["requests_done"]
 
 
+def test_stop_strings_cut_the_completion(served):
+    client = served.client
+    full = client.completions.create(model="qv", prompt="Once upon a time", max_tokens=MAX_TOKENS, temperature=0)
+    text = full.choices[0].text
+    assert len(text) >= 4, text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.completions.create(model="qv", prompt="Once upon a time", max_tokens=MAX_TOKENS, temperature=0,
+                                    stop=["never there", stop])
+    assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < full.usage.completion_tokens
+
+
 def test_seeded_sampling_is_reproducible(served):
     client = served.client
     texts = [client.completions.create(model="mlp", prompt="Once upon a time", max_tokens=MAX_TOKENS, temperature=1.0,
