@@ -157,9 +157,7 @@ def chat_prompt(body: dict, tokenizer) -> list[int]:
     normalised = [{"role": m["role"], "content": message_text(m.get("content", ""))} for m in messages]
     try:
         [ids] = encode_prompts(tokenizer, [normalised])
-    except JaxtuneError:
-        raise
-    except Exception as e:  # the template's own refusal (e.g. roles out of order)
+    except Exception as e:  # the template's own refusal (roles out of order, no template, ...)
         raise bad_request(f"the chat template refused these messages: {e}", "messages") from None
     return ids
 
@@ -293,9 +291,11 @@ class Server:
         for request in requests:
             try:
                 futures.append(asyncio.wrap_future(self.engine.submit(request)))
-            except QueueFull as e:
-                raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
-            except EngineStopped as e:
+            except (QueueFull, EngineStopped) as e:
+                for future in futures:  # the request's other prompts, already queued, will not run
+                    future.cancel()
+                if isinstance(e, QueueFull):
+                    raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
                 raise ApiError(503, str(e), type="server_error") from None
         try:
             return list(await asyncio.gather(*futures))
