@@ -152,18 +152,22 @@ def main(argv=None) -> None:
                 f"mixed, batches of {args.prompts_per_adapter}": mixed(args.prompts_per_adapter),
                 "one adapter at a time": one_at_a_time,
                 "merged weights, swapped per adapter": merged_swap}
-    for run in variants.values():  # warm-up: compiles
+    print(f"\n{args.adapters} adapters (ranks {args.ranks}, all linear targets) x {args.prompts_per_adapter} prompts "
+          f"of {args.prompt_len} tokens, {args.new_tokens} new tokens each ({total_tokens} tokens), float32, "
+          f"{args.threads} threads:", flush=True)
+    for name, run in variants.items():  # warm-up: compiles
+        started = time.perf_counter()
         run()
+        print(f"  warm-up (compile + run) {name}: {time.perf_counter() - started:.1f} s", flush=True)
     times = {name: float("inf") for name in variants}
-    for _ in range(args.repeats):  # interleaved rounds
+    for round_number in range(args.repeats):  # interleaved rounds
         for name, run in variants.items():
             times[name] = min(times[name], best_of(run, 1))
+            print(f"  round {round_number + 1}: {name:<38} {times[name]:7.2f} s", flush=True)
     if not args.no_hf:
         times["HF + PEFT, set_adapter per adapter"] = hf_peft_loop(args, model, names, adapters, per_adapter)
 
-    print(f"\n{args.adapters} adapters (ranks {args.ranks}, all linear targets) x {args.prompts_per_adapter} prompts "
-          f"of {args.prompt_len} tokens, {args.new_tokens} new tokens each ({total_tokens} tokens), float32, "
-          f"{args.threads} threads:")
+    print("\nbest times:")
     reference = times["one adapter at a time"]
     for name, seconds in times.items():
         print(f"  {name:<38} {seconds:7.2f} s  {total_tokens / seconds:8.1f} tokens/s  "

