@@ -6,7 +6,14 @@ This module owns decoding for every Llama-family model jaxtune loads:
         --prompt="What is the capital of France?" --max_new_tokens=32 [--temperature=0] [--top_p=1] \
         [--top_k=0] [--seed=0] [--raw] [--dtype=float32] [--adapter=WORKDIR|PEFT_DIR]
 
-prints the completion (the tokenizer's chat template is applied unless --raw). From Python:
+prints the completion (the tokenizer's chat template is applied unless --raw). Many adapters over one
+base, batched together (jaxtune.multi_adapter; each JSONL row {"adapter": NAME or null, "prompt": "..."}
+or {"adapter": ..., "messages": [...]}, written back with its "completion"):
+
+    python -m jaxtune.generate --model=BASE --adapters=NAME=DIR[,NAME=DIR...] --prompts=FILE.jsonl \
+        [--out=FILE.jsonl] [--batch_size=32]
+
+From Python:
 
     from jaxtune import api
     model = api.load("smollm2-135m-instruct")
@@ -56,7 +63,8 @@ import numpy as np
 
 import jaxtune
 from jaxtune.errors import JaxtuneError
-from jaxtune.loading import load_for_inference
+from jaxtune.loading import base_model_path, load, load_for_inference
+from jaxtune.multi_adapter import AdapterBank, parse_adapter_specs
 from jaxtune.smollm2 import default_cache_dir
 from jaxtune.models.llama import Llama, LoRAConfig, ModelConfig, init_cache, unstack_cache, unstack_layers
 
@@ -314,6 +322,17 @@ def generate_text(
     return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
 
+def generate_with_adapters(model, bank: AdapterBank, prompts: Sequence[Sequence[int]],
+                           adapters: Sequence[str | None], max_new_tokens: int, **kwargs: Any) -> list[list[int]]:
+    """`generate` with one adapter of `bank` per prompt (None = the base model), all in one batch.
+
+    The rows' adapter slots are an input of the compiled program (`AdapterBank.params`), so every
+    mix of adapters in a batch of the same shape runs the same program. kwargs: see `generate`."""
+    if len(adapters) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter names")
+    return generate(model, prompts, max_new_tokens, params=bank.params(model.params, bank.rows(adapters)), **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 
@@ -323,7 +342,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--model", help="built-in alias, HF model folder or hub id (default with --adapter: "
                                             "the run's model.path / the adapter's base model)")
     parser.add_argument("--adapter", help="a jaxtune workdir (its last checkpoint) or a PEFT adapter folder")
-    parser.add_argument("--prompt", required=True, help="user message (or raw text with --raw)")
+    parser.add_argument("--adapters", help="NAME=DIR[,NAME=DIR...]: several adapters over one base, batched "
+                                           "together; each --prompts row names its adapter (or null = the base)")
+    parser.add_argument("--prompt", help="user message (or raw text with --raw)")
+    parser.add_argument("--prompts", help='JSONL file, one {"adapter": NAME or null, "prompt": "..."} '
+                                          '(or "messages": [...]) per line')
+    parser.add_argument("--out", help="with --prompts: write the rows plus \"completion\" here (default: stdout)")
+    parser.add_argument("--batch_size", type=int, default=32, help="with --prompts: rows per batch")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
@@ -333,9 +358,90 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="param and compute dtype")
     args = parser.parse_args(argv)
-    if not (args.model or args.adapter):
+    if not (args.model or args.adapter or args.adapters):
         parser.error("give --model, or --adapter=DIR (a jaxtune workdir or a PEFT adapter folder)")
+    if (args.prompt is None) == (args.prompts is None):
+        parser.error("give one of --prompt=TEXT and --prompts=FILE.jsonl")
+    if args.adapters and args.adapter:
+        parser.error("give --adapter=DIR (one adapter) or --adapters=NAME=DIR,... (several), not both")
+    if args.adapters and args.prompt is not None:
+        parser.error("--adapters goes with --prompts=FILE.jsonl, whose rows name their adapter")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     return args
+
+
+class PromptsError(JaxtuneError, ValueError):
+    """A --prompts file row is not usable; the message names the file and line."""
+
+
+def read_prompt_rows(path: str | pathlib.Path, adapters: Sequence[str] = ()) -> list[dict]:
+    """The rows of a --prompts JSONL file, each checked: "prompt" (text) or "messages" (a list), and
+    "adapter" absent, null or one of `adapters`."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptsError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
+                raise PromptsError(f'{where}: a row is an object with "prompt" (text) or "messages" (a list), '
+                                   f"one of them")
+            if not isinstance(row.get("prompt", ""), str) or not isinstance(row.get("messages", []), list):
+                raise PromptsError(f'{where}: "prompt" must be a string and "messages" a list of messages')
+            adapter = row.get("adapter")
+            if adapter is not None and adapter not in adapters:
+                raise PromptsError(f"{where}: adapter {adapter!r} is not one of --adapters "
+                                   f"({', '.join(adapters) or 'none given'}); null = the base model")
+            rows.append(row)
+    return rows
+
+
+def complete_rows(model, rows: Sequence[dict], max_new_tokens: int, raw: bool, batch_size: int,
+                  bank: AdapterBank | None = None, **kwargs: Any) -> list[dict]:
+    """Each row plus its "completion", `batch_size` rows per batch, each row with its adapter
+    (through `bank`) or the base model (or, without a bank, kwargs' params)."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids = [encode_prompts(model.tokenizer, [row["messages"] if "messages" in row else row["prompt"]],
+                              chat="messages" in row or not raw)[0] for row in chunk]
+        if bank is None:
+            new_ids = generate(model, ids, max_new_tokens, **kwargs)
+        else:
+            new_ids = generate_with_adapters(model, bank, ids, [row.get("adapter") for row in chunk], max_new_tokens,
+                                             **kwargs)
+        out += [{**row, "completion": model.tokenizer.decode(row_ids, skip_special_tokens=True)}
+                for row, row_ids in zip(chunk, new_ids)]
+    return out
+
+
+def run_prompts_file(args: argparse.Namespace) -> list[dict]:
+    """--prompts (with --adapters, --adapter or the base model alone) -> the completed rows."""
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.adapters:
+        dirs = parse_adapter_specs(args.adapters)
+        rows = read_prompt_rows(args.prompts, list(dirs))
+        model = load(base_model_path(args.model, next(iter(dirs.values()))), param_dtype=args.dtype,
+                     compute_dtype=args.dtype)
+        bank = AdapterBank.from_dirs(model.cfg, dirs)
+        return complete_rows(model, rows, args.max_new_tokens, args.raw, args.batch_size, bank=bank, **sampling)
+    rows = read_prompt_rows(args.prompts)
+    model, params, lora = load_for_inference(args.model, args.adapter, args.dtype)
+    return complete_rows(model, rows, args.max_new_tokens, args.raw, args.batch_size, params=params, lora=lora,
+                         **sampling)
+
+
+def write_rows(rows: Sequence[dict], out: str | None) -> None:
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if out:
+        pathlib.Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
 
 
 def enable_compilation_cache() -> None:
@@ -348,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     jaxtune.setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.prompts is not None:
+            write_rows(run_prompts_file(args), args.out)
+            return
         model, params, lora = load_for_inference(args.model, args.adapter, args.dtype)
     except JaxtuneError as e:  # the user can fix it: one message, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,8 @@ OPTIONAL_IMPORTS = {
     ("torch", "jaxtune/hf.py"): "reading pickled PyTorch .bin weights, only with model.allow_pickle=True",
     ("matplotlib", "jaxtune/compare/plots.py"): "the compare report's plots (the `plot` extra); without it the "
                                                 "report says the plots were skipped",
+    ("fastapi", "jaxtune/serve.py"): "the OpenAI-compatible server, python -m jaxtune.serve (the `serve` extra)",
+    ("uvicorn", "jaxtune/serve.py"): "the OpenAI-compatible server, python -m jaxtune.serve (the `serve` extra)",
 }
 
 

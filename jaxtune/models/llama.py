@@ -33,6 +33,7 @@ from jaxtune.models import quant
 from jaxtune.models.attention import attention
 from jaxtune.models.dora import dora_dense, weight_norm
 from jaxtune.models.kernels import dense, lora_dense
+from jaxtune.models import multi_lora
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # LoRA adapters are trainable, so always float32 master weights whatever param_dtype (an Adam update of
@@ -183,6 +184,8 @@ class Linear(nn.Module):
         else:
             kernel = quantized_kernel(self, in_features, self.features, self.quant, self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        if self.has_variable("params", multi_lora.BANK_A):  # many adapters, one per row (jaxtune.multi_adapter)
+            return multi_lora.bank_dense(x, kernel, bias, self.variables["params"], dtype=self.dtype)
         if self.lora is None:
             return dense(x, kernel, bias, dtype=self.dtype)
         a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), ADAPTER_DTYPE)
