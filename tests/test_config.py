@@ -15,7 +15,8 @@ from jaxtune import config as config_lib
 from jaxtune import lora, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.py"))
+# The train configs (compare configs are jaxtune.compare's: tests/test_compare.py validates them).
+CONFIG_FILES = sorted(p for p in (REPO_ROOT / "configs").glob("*.py") if not p.stem.startswith("compare"))
 
 # What each config file gives as it is, for 1 and for 8 devices: None = valid, else (a piece of the
 # error, the piece of the file's docstring that documents it; the docstring also shows the command
