@@ -12,6 +12,7 @@ counted once (`compiler_flops`).
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 
 import jax
@@ -60,6 +61,15 @@ def compiler_flops(compiled) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def refused_temporaries_bytes(error: Exception) -> int | None:
+    """The temporaries the TPU compiler said a refused program needs ('... HLO temporaries (18.20G) exceeds
+    available HBM ...'), in bytes; None when the message does not say."""
+    found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", str(error))
+    if not found:
+        return None
+    return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
 
 
 def is_out_of_memory(error: Exception) -> bool:

@@ -67,6 +67,8 @@ def make_plan(run: Run, target: Target, *, compile: bool = True, devices: Sequen
             if not compiled_lib.is_out_of_memory(e):
                 raise
             plan["compile_error"] = str(e).strip().splitlines()[0][:500]
+            if compiled_lib.refused_temporaries_bytes(e):
+                plan["refused_temp_bytes"] = compiled_lib.refused_temporaries_bytes(e)
             total = None
         else:
             plan["compiled"] = compiled_lib.compiled_figures(compiled)
