@@ -167,5 +167,6 @@ def search(run: Run, target: Target, *, compile: bool = True, devices: Sequence 
     }
     if found and 2 * found not in tried:  # the double was not compiled: its scaled estimate is beyond memory
         result["search"]["tried"][str(2 * found * shards * run.grad_accum)] = {
-            "fits": False, "by": "estimate scaled by the compiler's ratio", "total": int(scaled_estimate_of_double(found))}
+            "fits": False, "by": "estimate scaled by the compiler's ratio" if compile else "estimate",
+            "total": int(scaled_estimate_of_double(found))}
     return result
