@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from typing import Any
 
 import ml_collections
@@ -368,3 +369,19 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     config = base_config()
     config.update_from_flattened_dict(flatten(json.loads(text)))
     return config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing for the commands (`app.run(main, flags_parser=parse_flags)`), with one clear
+    error (exit 2) for an unknown or ill-typed --config.KEY override."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        problems = [unknown_key_problem(arg[len("--config."):].split("=", 1)[0], arg)
+                    for arg in argv[1:] if arg.startswith("--config.")]
+        problems = [p for p in problems if p]
+        message = "\n".join(problems) or f"bad command line: {str(e).strip(chr(39))}"
+        print(f"error: {message}\nSee configs/*.py and jaxtune/config.py for every key.", file=sys.stderr)
+        sys.exit(2)

@@ -44,7 +44,7 @@ import numpy as np
 import safetensors.numpy
 
 import jaxtune
-from jaxtune import lora, smollm2
+from jaxtune import architectures, lora, smollm2
 from jaxtune import params as params_lib
 from jaxtune.errors import JaxtuneError
 from jaxtune.models import quant
@@ -88,8 +88,14 @@ class ExportError(JaxtuneError, ValueError):
 # Resolution
 
 
-def resolve_model_dir(path: str, revision: str | None = None) -> pathlib.Path:
-    """Alias, local folder or hub id -> a local folder holding config.json and weights."""
+def resolve_model_dir(path: str, revision: str | None = None, *, config_only: bool = False) -> pathlib.Path:
+    """Alias, local folder or hub id -> a local folder holding config.json and weights.
+
+    `arch:NAME` (jaxtune.architectures: a shipped config.json, no weights) resolves only with
+    `config_only=True` (the planner); anything that needs weights gets a ModelError saying what to pass.
+    """
+    if architectures.is_architecture(path):
+        return _architecture_dir(path, config_only)
     if path in BUILT_IN_ALIASES:
         return smollm2.materialize(path)
     local = pathlib.Path(path).expanduser()
@@ -101,6 +107,18 @@ def resolve_model_dir(path: str, revision: str | None = None) -> pathlib.Path:
         raise ModelError(f"model path {path!r} is not a folder (expected an HF model folder, a hub id, "
                          f"or an alias: {', '.join(BUILT_IN_ALIASES)})")
     return _download_from_hub(path, revision)
+
+
+def _architecture_dir(path: str, config_only: bool) -> pathlib.Path:
+    try:
+        folder = architectures.folder(path)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    if not config_only:
+        raise ModelError(f"model.path={path!r} is a shipped architecture (a config.json without weights, for "
+                         f"`python -m jaxtune.plan`): to train or run it, set model.path to the weights' folder "
+                         f"or hub id, e.g. --config.model.path={architectures.source_repo(path)}")
+    return folder
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> pathlib.Path:

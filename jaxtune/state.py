@@ -54,9 +54,12 @@ def as_master_weights(trainable: dict) -> dict:
     Adam's update of a weight is about lr (1e-5 .. 1e-4): below bfloat16's resolution for most
     weights, so a bfloat16 trained leaf (or its moments, which optax keeps in the param dtype) would
     quietly stop moving. The forward casts every param to model.compute_dtype where it is used."""
-    if all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(trainable)):
+    leaves = jax.tree_util.tree_leaves(trainable)
+    if all(leaf.dtype == jnp.float32 for leaf in leaves):
         return trainable
     to_float32 = functools.partial(jax.tree_util.tree_map, lambda leaf: leaf.astype(jnp.float32))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):  # traced (jaxtune.plan's eval_shape): no placing
+        return to_float32(trainable)
     return sharding.create_sharded(to_float32, jax.tree_util.tree_map(lambda leaf: leaf.sharding, trainable),
                                    trainable)
 

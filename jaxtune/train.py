@@ -27,7 +27,7 @@ import ml_collections
 import jaxtune
 import numpy as np
 
-from jaxtune import checkpoint, distributed, evaluate, hf, lora, metrics, optim, sharding, step, tasks, vocab
+from jaxtune import checkpoint, distributed, evaluate, hf, metrics, optim, plan, sharding, step, tasks, vocab
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune import params as params_lib
@@ -90,13 +90,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
 
     # ---- Step: compiled for the state's shardings ----------------------------------------------
     train_fn, eval_fn = compiled_steps(config, cfg, train_state, mesh, rules)
-    if is_main:  # what the run holds on each device
-        report = sharding.memory_report(params_lib.merge_trees(train_state.frozen, train_state.state["params"]),
-                                        train_state.state["opt_state"], mesh, cfg=cfg,
-                                        trainable=train_state.state["params"],
-                                        batch_size=config.train.batch_size // config.optim.grad_accum,
-                                        seq_len=config.data.max_len)
-        log.info("%s", report["text"])
+    if is_main:  # what the run expects each device to hold; `python -m jaxtune.plan` adds the compiler's figures
+        log.info("%s", plan.startup_report(config, cfg, source.vocab_ext, mesh))
 
     # ---- Loop: the "before" figures, then the steps --------------------------------------------
     def held_out_loss(trainable) -> dict | None:
@@ -148,7 +143,7 @@ class ModelSource:
 
 def model_source(config: ml_collections.ConfigDict) -> ModelSource:
     folder = hf.resolve_model_dir(config.model.path, config.model.revision or None)
-    cfg = model_config(config, folder)
+    cfg = plan.model_config(config, folder)  # the one config -> ModelConfig mapping, shared with the planner
     tokenizer = load_tokenizer(folder)
     if config.train.task:  # the task's prompts are rendered as training renders conversations
         evaluate.prompt_template(tokenizer, config.data.template, f"train.task={config.train.task}",
@@ -237,9 +232,8 @@ def compiled_steps(config: ml_collections.ConfigDict, cfg: ModelConfig, train_st
     batch_sh = sharding.batch_sharding(mesh, rules)
     batch_shardings = {key: batch_sh for key in step.BATCH_KEYS}
     state_sh, frozen_sh = train_state.shardings, train_state.frozen_shardings
-    train_fn = jax.jit(functools.partial(step.train_step, cfg=cfg, tx=train_state.tx, grad_accum=config.optim.grad_accum),
-                       in_shardings=(state_sh, frozen_sh, batch_shardings), out_shardings=(state_sh, replicated),
-                       donate_argnums=0)
+    # the program jaxtune.plan compiles for its plans
+    train_fn = plan.jit_train_step(cfg, train_state, mesh, rules, config.optim.grad_accum)
     eval_fn = jax.jit(functools.partial(step.eval_step, cfg=cfg),
                       in_shardings=(state_sh["params"], frozen_sh, batch_shardings), out_shardings=replicated)
     return train_fn, eval_fn
@@ -342,15 +336,6 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     return int(config.train.steps)
 
 
-def model_config(config: ml_collections.ConfigDict, folder: pathlib.Path) -> ModelConfig:
-    adapter = None
-    if config.lora.enabled:
-        lo = config.lora
-        adapter = lora.lora_config(lo.rank, lo.alpha, lo.dropout, lo.targets, lo.rslora, lo.dora)
-    return hf.model_config_from_hf(folder, param_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
-                                   remat=config.model.remat, lora=adapter, quant=config_lib.quant_config(config.model))
-
-
 def evaluate_loss(eval_fn, trainable, frozen, batches) -> dict[str, float]:
     loss_sum, tokens = 0.0, 0.0
     for batch in batches:
@@ -399,7 +384,8 @@ def write_summary(result: RunResult, config) -> None:
                "eval_before": result.eval_before, "eval_after": result.eval_after,
                "task": config.train.task or None,
                "task_before": {k: v for k, v in (result.task_before or {}).items() if k != "predictions"} or None,
-               "task_after": {k: v for k, v in (result.task_after or {}).items() if k != "predictions"} or None}
+               "task_after": {k: v for k, v in (result.task_after or {}).items() if k != "predictions"} or None,
+               "memory": plan.measured_peak_memory()}
     evaluate.write_report(result.workdir / "reports" / "summary.json", summary)
     if result.task_after:
         evaluate.write_report(result.workdir / "reports" / "task_predictions.json", result.task_after["predictions"])
@@ -414,6 +400,11 @@ def write_summary(result: RunResult, config) -> None:
         print(f"\n{'':24s} {'before':>10s} {'after':>10s}")
         for name, before, after in rows:
             print(f"{name:24s} {before:>10s} {after:>10s}")
+    memory = summary["memory"]
+    print(f"\npeak memory: {plan.gib(memory['peak_rss_bytes'])} resident (process)"
+          + (f", {plan.gib(memory['device_peak_bytes'])} on the busiest device" if "device_peak_bytes" in memory else "")
+          + " (the start-up plan is per device)")
+    if rows:
         print(f"\nrun directory: {result.workdir}  (metrics.jsonl, tb/, checkpoints/, reports/)")
 
 
@@ -425,19 +416,7 @@ def default_workdir(config_path: str) -> str:
     return str(pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with one clear error (exit 2) for an unknown or ill-typed --config.KEY override."""
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        problems = [config_lib.unknown_key_problem(arg[len("--config."):].split("=", 1)[0], arg)
-                    for arg in argv[1:] if arg.startswith("--config.")]
-        problems = [p for p in problems if p]
-        message = "\n".join(problems) or f"bad command line: {str(e).strip(chr(39))}"
-        print(f"error: {message}\nSee configs/*.py and jaxtune/config.py for every key.", file=sys.stderr)
-        sys.exit(2)
+parse_flags = config_lib.parse_flags  # absl flag parsing with one clear error for a bad --config.KEY
 
 
 def main(argv):

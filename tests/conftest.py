@@ -7,6 +7,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# jax on the CPU even where libtpu is installed (the test extra has it, for deviceless TPU plans):
+# without this jax would try to start a TPU runtime. tests/test_plan.py asks for TPU topologies explicitly.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib

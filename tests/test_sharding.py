@@ -14,6 +14,8 @@ from conftest import FAMILIES
 from jaxtune import hf, lora, sharding
 from jaxtune import params as params_lib
 from jaxtune.models.llama import ModelConfig, abstract_params
+from jaxtune.plan import measured
+from jaxtune.plan.compiled import compiled_figures
 
 
 def family_cfg(tiny_models, family, lora_targets="all"):
@@ -100,10 +102,10 @@ def test_place_fn_loads_sharded_equal_to_unsharded(tiny_models, shape):
     if shape == "1,8,1":
         # FSDP over embed: every base weight has a hidden dim of 64, so each device holds 1/8.
         total = sum(a.nbytes for a in reference.values())
-        report = sharding.memory_report(loaded, {}, mesh)
-        assert len(report["per_device"]) == 8
-        for device_bytes in report["per_device"].values():
-            assert abs(device_bytes["params"] - total / 8) <= 0.05 * total / 8
+        per_device = measured.bytes_per_device(loaded)
+        assert len(per_device) == 8
+        for device_bytes in per_device.values():
+            assert abs(device_bytes - total / 8) <= 0.05 * total / 8
         assert flat(loaded)[("model", "layers", "mlp", "up_proj", "kernel")].sharding.spec == P(None, "fsdp", "tensor")
 
 
@@ -159,7 +161,7 @@ def test_non_dividing_dims_fall_back_with_one_warning_or_raise(caplog):
     assert spec == P("fsdp")
 
 
-def test_optimizer_state_follows_params_and_memory_report(tiny_models):
+def test_optimizer_state_follows_params_and_its_bytes(tiny_models):
     cfg = family_cfg(tiny_models, "llama2", lora_targets="q,v")
     mesh = sharding.make_mesh("1,4,2")
     params = jax.tree_util.tree_map(jnp.zeros_like, abstract_params(cfg))  # small: fine unsharded
@@ -182,16 +184,14 @@ def test_optimizer_state_follows_params_and_memory_report(tiny_models):
             mirrored += 1
     assert mirrored == 2 * len(by_path)  # mu and nu of every trainable param
 
-    report = sharding.memory_report(params, opt_state, mesh, cfg=cfg, batch_size=8, seq_len=32, trainable=trainable)
-    for device in report["per_device"].values():
-        assert device["opt_state"] == pytest.approx(2 * device["params"], rel=0.01)
-    assert report["activations_estimate"] > 0 and "optimizer state" in report["text"]
+    params_bytes, opt_state_bytes = measured.bytes_per_device(params), measured.bytes_per_device(opt_state)
+    for device, held in params_bytes.items():
+        assert opt_state_bytes[device] == pytest.approx(2 * held, rel=0.01)
 
     compiled = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: 2 * x, p)).lower(params).compile()
-    memory = sharding.compiled_memory(compiled)
+    memory = compiled_figures(compiled)
     assert memory["argument"] > 0 and memory["output"] == pytest.approx(memory["argument"], rel=0.01)
-    assert memory["argument"] == pytest.approx(report["params_max"], rel=0.01)
-    assert sharding.format_compiled_memory(compiled).startswith("compiled step memory per device: argument")
+    assert memory["argument"] == pytest.approx(max(params_bytes.values()), rel=0.01)
 
 
 def test_batch_sharding_and_device_batch():

@@ -1,0 +1,67 @@
+"""What a live process holds and used: bytes of placed arrays per device, the device memory limit,
+and the peak memory a run used (what jaxtune.train's final summary adds to its start-up plan)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+
+import jax
+
+from jaxtune.plan.targets import physical_memory_bytes
+
+
+def bytes_per_device(tree) -> dict[str, int]:
+    """Bytes each addressable device holds of the jax.Arrays in `tree` (replicas counted on every device)."""
+    per_device: dict[str, int] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        for shard in leaf.addressable_shards:
+            name = str(shard.device)
+            per_device[name] = per_device.get(name, 0) + math.prod(shard.data.shape) * leaf.dtype.itemsize
+    return per_device
+
+
+def device_memory_limit(device) -> int | None:
+    """Bytes a device may use: its allocator's limit where the platform reports one (GPU, TPU); on CPU
+    this machine's RAM shared by the process's CPU devices."""
+    stats = device_memory_stats(device)
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        return physical_memory_bytes() // max(1, len(jax.local_devices(backend="cpu")))
+    return None
+
+
+def device_memory_stats(device) -> dict:
+    try:
+        return device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - platforms without memory stats (CPU) raise or return None
+        return {}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
+def measured_peak_memory() -> dict[str, int]:
+    """What this process used: peak resident set size, and the busiest device's peak allocation where
+    the platform reports it (GPU, TPU)."""
+    measured = {"peak_rss_bytes": peak_rss_bytes()}
+    peaks = [device_memory_stats(device).get("peak_bytes_in_use", 0) for device in jax.local_devices()]
+    if any(peaks):
+        measured["device_peak_bytes"] = int(max(peaks))
+    return measured

@@ -1,0 +1,309 @@
+"""jaxtune.plan: named architectures, targets, the analytic estimate against the real compiler (deviceless
+TPU and this machine's CPU), a real run's peak memory, the batch search and the command line.
+
+TPU tests need libtpu (the test extra installs it): without it they skip, or fail under CI=true."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from conftest import REPO_ROOT, skip_or_fail_in_ci, tiny_config
+from jaxtune import hf, plan, sharding
+from jaxtune import params as params_lib
+from jaxtune.config import base_config
+from jaxtune.models.llama import abstract_params
+from jaxtune.plan import run as run_lib, targets
+
+# Small, but with TPU-friendly widths (the TPU tiles arrays in 8 x 128 blocks; a model with 2 heads of 16
+# would be mostly tile padding, which the estimate does not model) and a vocab small enough that the
+# logits do not dominate. Four layers keep the compile to seconds.
+TINY_ARCH = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
+             "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+             "head_dim": 128, "vocab_size": 8192, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+             "rope_theta": 10000.0, "tie_word_embeddings": False}
+# For the CPU compiler (float32): narrower, so that its compile stays short too.
+TINY_CPU_ARCH = {**TINY_ARCH, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 2048}
+
+# Published parameter counts of the shipped architectures (model cards / safetensors totals).
+PUBLISHED_PARAMS = {
+    "llama-3.2-1b": 1.236e9, "llama-3.2-3b": 3.213e9, "llama-3.1-8b": 8.030e9, "llama-3.1-70b": 70.554e9,
+    "mistral-7b": 7.248e9, "qwen2.5-7b": 7.616e9, "qwen3-8b": 8.191e9, "smollm2-135m": 134.5e6,
+    "smollm2-360m": 361.8e6, "smollm2-1.7b": 1.711e9,
+}
+
+
+def arch_folder(tmp_path_factory, arch: dict) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("arch")
+    (folder / "config.json").write_text(json.dumps(arch))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory):
+    return arch_folder(tmp_path_factory, TINY_ARCH)
+
+
+@pytest.fixture(scope="module")
+def tiny_cpu_arch(tmp_path_factory):
+    return arch_folder(tmp_path_factory, TINY_CPU_ARCH)
+
+
+def run_config(path, *, lora_enabled=True, batch=8, seq=512, remat="none", dtype="bfloat16", dropout=0.0):
+    config = base_config()
+    config.model.path = str(path)
+    config.model.dtype = config.model.compute_dtype = dtype
+    config.model.remat = remat
+    config.lora.enabled = lora_enabled
+    config.lora.targets = "all-linear"
+    config.lora.rank = 16
+    config.lora.dropout = dropout
+    config.train.batch_size = batch
+    config.data.max_len = seq
+    return config
+
+
+def require_libtpu():
+    """Deviceless TPU compilation needs libtpu (pip install -e '.[test]'): else skip, or fail under CI=true."""
+    if importlib.util.find_spec("libtpu") is None:
+        skip_or_fail_in_ci(f"libtpu is not installed: the deviceless TPU tests need it ({targets.LIBTPU_INSTALL})")
+
+
+def plan_command(tmp_path, config_args, target, *, config_file="configs/lora_llama.py", devices=8, extra=()):
+    """Run `python -m jaxtune.plan` and return (its stdout, the plan it wrote with --json)."""
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run([sys.executable, "-m", "jaxtune.plan", f"--config={REPO_ROOT / config_file}",
+                           *config_args, f"--target={target}", f"--json={out}", *extra], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures and targets
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_shipped_architectures_have_their_published_sizes(name):
+    config = base_config()
+    config.model.path = f"arch:{name}"
+    config.lora.enabled = False
+    run = run_lib.Run.from_config(config)
+    assert params_lib.count_params(abstract_params(run.cfg)) == pytest.approx(PUBLISHED_PARAMS[name], rel=0.005)
+
+
+def test_training_on_an_architecture_name_is_refused_clearly(tmp_path):
+    from jaxtune import train
+
+    with pytest.raises(hf.ModelError, match=r"arch:llama-3.1-8b.*without weights.*meta-llama/Llama-3.1-8B"):
+        hf.resolve_model_dir("arch:llama-3.1-8b")
+    with pytest.raises(hf.ModelError, match="unknown architecture.*arch:qwen3-8b"):
+        hf.resolve_model_dir("arch:qwen9-1t", config_only=True)
+    assert (hf.resolve_model_dir("arch:Qwen3-8B", config_only=True) / "config.json").exists()
+    config = tiny_config(**{"model.path": "arch:smollm2-135m", "data.train": "task:viggo"})
+    with pytest.raises(hf.ModelError, match="--config.model.path=HuggingFaceTB/SmolLM2-135M"):
+        train.run(config, tmp_path / "run")
+
+
+def test_targets():
+    assert (plan.parse_target("tpu:v5e-8").num_devices, plan.parse_target("tpu:v5e-8").topology) == (8, "v5e:2x4")
+    assert (plan.parse_target("tpu:v5p-8").num_devices, plan.parse_target("tpu:v5p-8").topology) == (4, "v5p:2x2x1")
+    assert plan.parse_target("tpu:v6e:4x4").num_devices == 16
+    assert plan.parse_target("tpu:v5e-1").chip.memory_bytes == 16 * plan.GiB
+    gpus = plan.parse_target("gpu:8xh100-80gb")
+    assert (gpus.num_devices, gpus.compiled, gpus.chip.memory_bytes) == (8, False, 80 * plan.GiB)
+    assert plan.parse_target("cpu").num_devices == len(jax.devices("cpu"))
+    for bad, message in (("tpu:v5e-3", "no v5e slice of that size"), ("gpu:h200", "unknown GPU"),
+                         ("tpu:v9-8", "unknown TPU generation"), ("mystery", "choose one of")):
+        with pytest.raises(plan.PlanError, match=message):
+            plan.parse_target(bad)
+
+
+def test_the_planned_state_is_the_one_training_builds(tiny_cpu_arch):
+    """The abstract state is jaxtune.state.build's: float32 masters and AdamW moments of the trained leaves
+    only, frozen weights in model.dtype, every leaf in the sharding training gives it."""
+    run = run_lib.Run.from_config(run_config(tiny_cpu_arch, dropout=0.05))
+    mesh = sharding.make_mesh("1,-1,1")
+    train_state = run_lib.abstract_train_state(run, mesh)
+    trained = jax.tree_util.tree_leaves(train_state.state["params"])
+    assert trained and all(leaf.dtype == jax.numpy.float32 for leaf in trained)
+    assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in jax.tree_util.tree_leaves(train_state.frozen))
+    assert all(leaf.sharding == s for leaf, s in zip(jax.tree_util.tree_leaves(train_state.state),
+                                                      jax.tree_util.tree_leaves(train_state.shardings)))
+    estimate = plan.estimate_memory(run, mesh, "tpu")
+    assert estimate["optimizer_state"] == pytest.approx(2 * estimate["trainable_weights_f32"], rel=0.01)
+    assert estimate["lora_dropout_masks"] > 0 and estimate["gathered_weights"] > 0
+    assert estimate["total"] == sum(v for k, v in estimate.items() if k != "total")
+
+
+# --------------------------------------------------------------------------------------------
+# The estimate against the compiler
+
+
+@pytest.mark.parametrize("lora_enabled,remat", [(True, "none"), pytest.param(False, "full", marks=pytest.mark.slow)],
+                         ids=["lora-none", "full-full"])
+def test_tiny_train_step_compiles_deviceless_for_v5e_4_and_the_estimate_is_close(tiny_arch, lora_enabled, remat):
+    require_libtpu()
+    result = plan.make_plan(run_lib.Run.from_config(run_config(tiny_arch, lora_enabled=lora_enabled, remat=remat)),
+                            plan.parse_target("tpu:v5e-4"))
+    compiled, estimate = result["compiled"], result["estimate"]
+    assert set(compiled) == {"argument", "output", "alias", "temp", "total"}
+    # the donated state is updated in place: every output but the few metric scalars aliases an argument
+    assert compiled["alias"] > 0 and 0 <= compiled["output"] - compiled["alias"] < 2**16
+    assert result["fits"] and result["devices"] == 4
+    assert estimate["total"] == pytest.approx(compiled["total"], rel=0.15), (estimate, compiled)
+    # the arguments are the state, the frozen weights and the batch, as the estimate counts them
+    held = sum(estimate[k] for k in ("frozen_weights", "trainable_weights_f32", "optimizer_state", "batch"))
+    assert compiled["argument"] == pytest.approx(held, rel=0.02)
+
+
+@pytest.mark.parametrize("lora_enabled,remat", [(True, "none"), (False, "full")], ids=["lora-none", "full-full"])
+def test_estimate_is_close_to_the_cpu_compiler(tiny_cpu_arch, tmp_path, lora_enabled, remat):
+    # `cpu` as users have it: one CPU device (the suite's 8 simulated devices are a test device)
+    args = [f"--config.model.path={tiny_cpu_arch}", f"--config.lora.enabled={lora_enabled}",
+            f"--config.model.remat={remat}", "--config.lora.targets=all-linear", "--config.lora.dropout=0",
+            "--config.train.batch_size=8", "--config.data.max_len=512"]
+    _, result = plan_command(tmp_path, args, "cpu", devices=1)
+    assert result["devices"] == 1 and result["platform"] == "cpu"
+    assert result["estimate"]["total"] == pytest.approx(result["compiled"]["total"], rel=0.15), result
+
+
+@pytest.mark.slow
+def test_search_returns_a_batch_that_fits_whose_double_does_not(tiny_arch):
+    require_libtpu()
+    import dataclasses
+
+    target = plan.parse_target("tpu:v5e-4")
+    small = dataclasses.replace(target, chip=dataclasses.replace(target.chip, memory_bytes=1200 * 2**20))
+    run = run_lib.Run.from_config(run_config(tiny_arch, batch=4, remat="none"))
+    found = plan.search(run, small)
+    rows = found["search"]["rows_per_device"]
+    assert rows >= 1 and found["fits"] and found["compiled"]["total"] <= small.chip.memory_bytes
+    assert found["batch_size"] == rows * 4
+    double = plan.make_plan(run.replace(batch_size=2 * found["batch_size"], remat=found["remat"]), small)
+    assert not double["fits"], double
+
+
+@pytest.mark.slow
+def test_command_line_writes_the_json_keys(tiny_arch, tmp_path):
+    require_libtpu()
+    stdout, saved = plan_command(tmp_path, [f"--config.model.path={tiny_arch}", "--config.model.dtype=bfloat16",
+                                            "--config.model.compute_dtype=bfloat16", "--config.data.max_len=256"],
+                                 "tpu:v5e-4")
+    for key in ("target", "devices", "device_memory_bytes", "estimate", "compiled", "fits",
+                "step_seconds_estimate", "mfu_estimate"):
+        assert key in saved, key
+    assert saved["estimate"]["total"] == sum(v for k, v in saved["estimate"].items() if k != "total")
+    assert set(saved["compiled"]) >= {"argument", "output", "alias", "temp", "total"}
+    assert "fits:" in stdout and "roofline estimate, not a measurement" in stdout
+
+
+def test_gpu_plans_are_analytic_and_say_so():
+    result = plan.make_plan(run_lib.Run.from_config(run_config("arch:llama-3.1-8b", seq=2048, batch=4, remat="full")),
+                            plan.parse_target("gpu:h100-80gb"))
+    assert "compiled" not in result and "step_seconds_estimate" in result and result["fits"]
+    assert 14 * plan.GiB < result["estimate"]["frozen_weights"] < 16 * plan.GiB  # 8.0e9 bf16 weights
+    assert 0 < result["mfu_estimate"] <= 1
+    assert "analytic only" in plan.format_plan(result)
+
+
+def test_bad_config_key_and_bad_target_are_one_clear_error():
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    for args, message in ((["--config.lora.rnak=4", "--target=cpu"], "lora.rank"),
+                          (["--target=tpu:v5e-3"], "no v5e slice of that size")):
+        proc = subprocess.run([sys.executable, "-m", "jaxtune.plan", f"--config={REPO_ROOT / 'configs/lora_llama.py'}",
+                               *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,lora_enabled,batch", [("tpu:v5e-8", True, 16), ("tpu:v5p-8", False, 16)],
+                         ids=["v5e-8-lora", "v5p-8-full"])
+def test_llama_8b_plan_matches_the_compiler(target, lora_enabled, batch):
+    require_libtpu()
+    config = run_config("arch:llama-3.1-8b", lora_enabled=lora_enabled, seq=2048, batch=batch, remat="full")
+    result = plan.make_plan(run_lib.Run.from_config(config), plan.parse_target(target))
+    assert result["estimate"]["total"] == pytest.approx(result["compiled"]["total"], rel=0.15)
+    assert result["fits"]
+
+
+# --------------------------------------------------------------------------------------------
+# A real run on this machine: the plan against its measured peak memory
+
+# Activations large against everything else a run holds (tokenizer, data, the compiler's own work):
+# 8 rows of 1024 tokens through 4 narrow float32 layers without remat.
+RSS_ARCH = {**TINY_CPU_ARCH, "vocab_size": 512}
+RSS_RUN = {"model.dtype": "float32", "model.compute_dtype": "float32", "model.remat": "none",
+           "lora.targets": "all-linear", "data.format": "text", "data.max_len": 1024, "train.batch_size": 8,
+           "train.steps": 2, "data.eval": "", "train.task": "", "checkpoint.every": 0}
+RSS_DRIVER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.devices()
+    import jaxtune
+    from jaxtune import plan, train
+    from jaxtune.plan import measured
+    sys.path.insert(0, sys.argv[1])
+    from conftest import tiny_config
+    config = tiny_config(**json.loads(sys.argv[2]))
+    jaxtune.setup_logging()
+    jit_train_step, before_step = plan.jit_train_step, []
+
+    def compiled_first(*args, **kwargs):  # train's step, compiled before its first call so that the
+        jitted = jit_train_step(*args, **kwargs)  # resident memory can be read between compile and step
+        compiled = []
+
+        def step(*batch_args):
+            if not compiled:
+                compiled.append(jitted.lower(*batch_args).compile())
+                before_step.append(measured.current_rss_bytes())
+            return compiled[0](*batch_args)
+        return step
+
+    train.plan.jit_train_step = compiled_first
+    train.run(config, sys.argv[3])
+    peak = measured.peak_rss_bytes()
+    planned = plan.make_plan(plan.Run.from_config(config), plan.parse_target("cpu"), compile=False)["estimate"]
+    print(json.dumps({"before_step": before_step[0], "peak": peak, "estimate": planned}))
+""")
+
+
+@pytest.mark.slow
+def test_the_plan_of_a_real_cpu_run_is_close_to_its_peak_memory(tmp_path, chatml):
+    """A real run of jaxtune.train on one CPU device: what its step added to the process's resident
+    memory (peak RSS minus the RSS with everything set up and the step compiled: tokenizer, data, the
+    state, the compiled program) against the plan's step memory (its total less the arguments the
+    state and batch already hold). The set-up's own memory (imports, tokenizer, data pipeline, the
+    compiler's work) is not the step's and not planned."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(RSS_ARCH))
+    chatml.save_pretrained(model)
+    subprocess.run([sys.executable, "-c", "import sys, transformers; transformers.AutoModelForCausalLM.from_config("
+                    "transformers.AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[1])", str(model)],
+                   check=True, timeout=300)
+    words = " ".join(f"token{i % 97} is number {i}" for i in range(100))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} {words}"}) + "\n" for i in range(16)))
+    overrides = {**RSS_RUN, "model.path": str(model), "data.train": str(data)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-c", RSS_DRIVER, str(REPO_ROOT / "tests"), json.dumps(overrides),
+                           str(tmp_path / "run")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    estimate = measured["estimate"]
+    held = sum(estimate[k] for k in ("frozen_weights", "trainable_weights_f32", "optimizer_state", "batch"))
+    assert estimate["total"] - held == pytest.approx(measured["peak"] - measured["before_step"], rel=0.15), measured
+    summary = json.loads((tmp_path / "run" / "reports" / "summary.json").read_text())
+    assert summary["memory"]["peak_rss_bytes"] == pytest.approx(measured["peak"], rel=0.05)
+    assert "memory per device, planned" in proc.stderr
