@@ -12,7 +12,7 @@ import pytest
 from jaxtune import lora, step
 from jaxtune import params as params_lib
 from jaxtune.models import llama
-from jaxtune.models.kernels import dense, lora_dense
+from jaxtune.models.kernels import HeadSpec, dense, head_cross_entropy_sum, lora_dense
 
 B, T, D, O, R = 2, 5, 12, 7, 3
 SCALING = 2.5
@@ -206,31 +206,103 @@ def random_params_of(module, *inputs):
     return {name: value + 0.3 * jax.random.normal(k, value.shape) for (name, value), k in zip(params.items(), keys)}
 
 
-def test_chunked_cross_entropy_with_a_dropped_head_input_equals_the_plain_math():
-    """The head adapter multiplies its dropped input (same mask), chunked or not."""
-    rng = np.random.default_rng(0)
+def head_case(seed, V, with_adapter, with_dropout, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return {"h": normal(B, T, D).astype(dtype), "keep": jnp.asarray(rng.random((B, T, D)) < KEEP) if with_dropout else None,
+            "w_DxV": normal(D, V).astype(dtype), "a": normal(D, R) if with_adapter else None,
+            "b": normal(R, V) if with_adapter else None, "targets": jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32),
+            "mask": jnp.asarray(rng.random((B, T)) < 0.6, jnp.float32)}
+
+
+def plain_head_ce(h, kernel, a, b, keep, targets, mask, tied, dtype):
+    """The math the fused head replaces: full logits, optax's CE, masked sum."""
+    w = (kernel.T if tied else kernel).astype(dtype)
+    logits = jnp.dot(h.astype(dtype), w)
+    if a is not None:
+        hd = h if keep is None else dropped(h, keep)
+        logits = logits + (hd.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype) * SCALING
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * mask)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("with_adapter,with_dropout", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("chunk", [2, T])
+def test_fused_head_cross_entropy_gradients_equal_autodiff_of_the_plain_math(tied, with_adapter, with_dropout, chunk):
+    """Tied ([V, D] embedding) and untied ([D, V]) heads, with a LoRA adapter (dropped input or not),
+    chunked (T=5 in chunks of 2: padded) or not: loss and the gradients of h, kernel, a, b."""
     V = 13
-    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
-    keep = jnp.asarray(rng.random((B, T, D)) < KEEP)
-    w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
-    a = jnp.asarray(rng.normal(size=(D, R)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(R, V)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    mask = jnp.asarray(rng.random((B, T)) < 0.6, jnp.float32)
+    p = head_case(0, V, with_adapter, with_dropout)
+    kernel = p["w_DxV"].T if tied else p["w_DxV"]
+    spec = HeadSpec(tied, SCALING, jnp.float32)
+    keep = p["keep"]
 
-    def chunked(h, w, a, b):
-        logits_fn = lambda hc, hdc: lora_dense(hc, w, None, a, b, hdc, scaling=SCALING, dtype=jnp.float32)
-        return step.chunked_cross_entropy_sum(logits_fn, h, dropped(h, keep), targets, mask, chunk=2)
+    def fused(h, kernel, a, b):
+        hd = None if keep is None else dropped(h, keep)
+        return head_cross_entropy_sum(h, hd, kernel, a, b, p["targets"], p["mask"], spec=spec, chunk=chunk)
 
-    def reference(h, w, a, b):
-        logits = h @ w + (dropped(h, keep) @ a) @ b * SCALING
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
+    def reference(h, kernel, a, b):
+        return plain_head_ce(h, kernel, a, b, keep, p["targets"], p["mask"], tied, jnp.float32)
 
-    value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2, 3)))(h, w, a, b)
-    ref_value, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2, 3)))(h, w, a, b)
+    argnums = (0, 1, 2, 3) if with_adapter else (0, 1)
+    value, grads = jax.jit(jax.value_and_grad(fused, argnums=argnums))(p["h"], kernel, p["a"], p["b"])
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=argnums))(p["h"], kernel, p["a"], p["b"])
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(fused)(p["h"], kernel, p["a"], p["b"]), ref_value, rtol=1e-6)
     for g, g_ref in zip(grads, ref_grads):
         assert_close(g, g_ref, 1e-5)
+    # Only the differentiated inputs: h alone (a LoRA step's frozen kernel), scaled by a cotangent.
+    g_h = jax.jit(jax.grad(lambda h: 3.0 * fused(h, kernel, p["a"], p["b"])))(p["h"])
+    assert_close(g_h, 3.0 * ref_grads[0], 1e-5)
+
+
+def test_fused_head_cross_entropy_bf16_compute_returns_each_gradient_in_its_own_dtype():
+    V = 13
+    p = head_case(1, V, True, True, dtype=jnp.bfloat16)
+    spec = HeadSpec(False, SCALING, jnp.bfloat16)
+
+    def fused(h, kernel, a, b):
+        return head_cross_entropy_sum(h, dropped(h, p["keep"]), kernel, a, b, p["targets"], p["mask"], spec=spec,
+                                      chunk=2)
+
+    def reference(h, kernel, a, b):
+        return plain_head_ce(h, kernel, a, b, p["keep"], p["targets"], p["mask"], False, jnp.bfloat16)
+
+    args = (p["h"], p["w_DxV"], p["a"], p["b"])
+    value, grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2, 3)))(*args)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2, 3)))(*args)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
+    np.testing.assert_allclose(value, ref_value, rtol=1e-2)
+    for g, g_ref in zip(grads, ref_grads):
+        assert_close(g, g_ref, 3e-2)  # bf16 round-off; both compute the head in bf16
+
+
+def dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in a jaxpr, inside scan/jit/custom-rule bodies too."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else [param]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += dot_output_shapes(inner)
+    return shapes
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_the_head_kernel_gradient_is_formed_only_when_the_kernel_trains(full_finetune):
+    """The fused head forms the gradients of differentiated inputs only: a LoRA step (frozen tied
+    embedding) has no [V, D] gradient dot; full fine-tuning has it."""
+    cfg = tiny_config(tied=True, targets=("q_proj", "v_proj"))
+    trainable, frozen = lora.split_trainable(random_params(cfg), full_finetune=full_finetune)
+    batch = tiny_batch(cfg)
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda tr: step.summed_loss(tr, frozen, batch, cfg, jax.random.key(0), True)[0]))(trainable)
+    has_kernel_gradient = (cfg.vocab_size, cfg.hidden_size) in dot_output_shapes(jaxpr.jaxpr)
+    assert has_kernel_gradient == full_finetune
 
 
 def test_module_dropout_feeds_the_adapter_only():

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.attention import attention
-from jaxtune.models.kernels import dense, lora_dense
+from jaxtune.models.kernels import HeadSpec, dense, lora_dense
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # LoRA adapters are trainable, so always float32 master weights whatever param_dtype (an Adam update of
@@ -402,7 +402,7 @@ class Decoder(nn.Module):
 class Llama(nn.Module):
     """Causal LM. Returns (logits [B, T, V] float32, new KV cache or None); with hidden_only=True,
     (final hidden states [B, T, D], the lm_head adapter's dropped input or None) for a loss that
-    applies `lm_head_logits` in chunks so the [B, T, V] logits never exist at once.
+    applies the head (`lm_head`) in chunks so the [B, T, V] logits never exist at once.
 
     cache: None (training / scoring) or a dict from `init_cache` whose `k`/`v` are [L, B, S, K, Dh]
     and `segments` is [L, B, S]; `cache_index` (int32 scalar) is where this call's T tokens are
@@ -428,7 +428,7 @@ class Llama(nn.Module):
             tokens_BxT, positions_BxT, segments_BxT, cache, cache_index
         )
         head_lora = lora_for(cfg, "lm_head")
-        if hidden_only:  # (final hidden states, the lm_head adapter's dropped input or None): see lm_head_logits
+        if hidden_only:  # (final hidden states, the lm_head adapter's dropped input or None): see lm_head
             dropped = None
             if head_lora is not None and head_lora.dropout > 0.0 and not self.deterministic:
                 dropped = nn.Dropout(head_lora.dropout, name="lm_head_dropout")(h_BxTxD, deterministic=False)
@@ -442,23 +442,21 @@ class Llama(nn.Module):
         return logits_BxTxV.astype(jnp.float32), new_cache
 
 
-def lm_head_logits(params, cfg: ModelConfig, h_BxTxD, h_dropped_BxTxD=None):
-    """float32 logits [B, T, V] of final hidden states, from the param tree: the same head as
-    Llama.__call__ (tied or not, with its LoRA), as a pure function that the loss can evaluate
-    chunk by chunk (jaxtune.step). h_dropped: the adapter's dropped input from `hidden_only=True`."""
-    dtype = DTYPES[cfg.compute_dtype]
-    if cfg.tie_word_embeddings:
-        kernel_DxV = params["model"]["embed_tokens"]["embedding"].T
-    else:
-        kernel_DxV = params["lm_head"]["kernel"]
+def lm_head(params, cfg: ModelConfig):
+    """The output head of Llama.__call__ (tied or not, with its LoRA) from the param tree, for a loss
+    that applies it chunk by chunk (jaxtune.step, kernels.head_cross_entropy_sum):
+    (kernel, lora_a or None, lora_b or None, HeadSpec). A tied head's kernel is the embedding [V, D]
+    itself (never transposed into a copy); an untied one is lm_head's [D, V]."""
     head_lora = lora_for(cfg, "lm_head")
-    if head_lora is None:
-        logits_BxTxV = dense(h_BxTxD, kernel_DxV, None, dtype=dtype)
+    if cfg.tie_word_embeddings:
+        kernel = params["model"]["embed_tokens"]["embedding"]
     else:
-        head = params["lm_head"]
-        logits_BxTxV = lora_dense(h_BxTxD, kernel_DxV, None, head["lora_a"], head["lora_b"], h_dropped_BxTxD,
-                                  scaling=head_lora.scaling, dtype=dtype)
-    return logits_BxTxV.astype(jnp.float32)
+        kernel = params["lm_head"]["kernel"]
+    a = b = None
+    if head_lora is not None:
+        a, b = params["lm_head"]["lora_a"], params["lm_head"]["lora_b"]
+    scaling = head_lora.scaling if head_lora is not None else 1.0
+    return kernel, a, b, HeadSpec(cfg.tie_word_embeddings, float(scaling), DTYPES[cfg.compute_dtype])
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
