@@ -12,7 +12,7 @@ import pytest
 from jaxtune import lora, step
 from jaxtune import params as params_lib
 from jaxtune.models import llama
-from jaxtune.models.kernels import HeadSpec, dense, head_cross_entropy_sum, lora_dense
+from jaxtune.models.kernels import HeadSpec, dense, head_cross_entropy_sum, lora_dense, silu_gate
 
 B, T, D, O, R = 2, 5, 12, 7, 3
 SCALING = 2.5
@@ -349,3 +349,16 @@ def test_attention_and_its_gradients_equal_dot_product_attention(dtype):
     assert_close(out, ref_out, rtol)
     for g, g_ref in zip(vjp(dout), ref_vjp(dout)):
         assert_close(g, g_ref, rtol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_silu_gate_and_its_gradients_equal_autodiff_of_the_plain_math(dtype):
+    keys = jax.random.split(jax.random.key(7), 3)
+    gate = (jax.random.normal(keys[0], (B, T, O)) * 3).astype(dtype)
+    up = jax.random.normal(keys[1], (B, T, O)).astype(dtype)
+    dy = jax.random.normal(keys[2], (B, T, O)).astype(dtype)
+    y, vjp = jax.jit(lambda g, u: jax.vjp(silu_gate, g, u))(gate, up)
+    y_ref, vjp_ref = jax.jit(lambda g, u: jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u))(gate, up)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))  # same forward
+    for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
+        assert_close(g, g_ref, 1e-6 if dtype == jnp.float32 else 2e-2)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.attention import attention
-from jaxtune.models.kernels import HeadSpec, dense, lora_dense
+from jaxtune.models.kernels import HeadSpec, dense, lora_dense, silu_gate
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # LoRA adapters are trainable, so always float32 master weights whatever param_dtype (an Adam update of
@@ -326,7 +326,7 @@ class MLP(nn.Module):
 
         gate_BxTxF = proj("gate_proj", cfg.intermediate_size)(x_BxTxD)
         up_BxTxF = proj("up_proj", cfg.intermediate_size)(x_BxTxD)
-        return proj("down_proj", cfg.hidden_size)(nn.silu(gate_BxTxF) * up_BxTxF)
+        return proj("down_proj", cfg.hidden_size)(silu_gate(gate_BxTxF, up_BxTxF))
 
 
 class DecoderLayer(nn.Module):
