@@ -12,7 +12,7 @@ import pytest
 from jaxtune import lora, step
 from jaxtune import params as params_lib
 from jaxtune.models import llama
-from jaxtune.models.kernels import HeadSpec, dense, head_cross_entropy_sum, lora_dense, silu_gate
+from jaxtune.models.kernels import HeadSpec, dense, head_cross_entropy_sum, lora_dense, shared_input_lora_dense, silu_gate
 
 B, T, D, O, R = 2, 5, 12, 7, 3
 SCALING = 2.5
@@ -362,3 +362,54 @@ def test_silu_gate_and_its_gradients_equal_autodiff_of_the_plain_math(dtype):
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))  # same forward
     for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
         assert_close(g, g_ref, 1e-6 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shared_input_lora_dense_gradients_equal_autodiff_of_the_plain_math(dtype):
+    """Fused q/k/v-style projections of one input: with bias and adapter, adapter only, neither
+    (a projection left out of lora.targets); outputs and every cotangent against per-projection math."""
+    keys = jax.random.split(jax.random.key(11), 12)
+    x = jax.random.normal(keys[0], (B, T, D)).astype(dtype)
+    widths = (7, 5, 3)
+    kernels = [jax.random.normal(keys[1 + i], (D, o)).astype(dtype) * 0.3 for i, o in enumerate(widths)]
+    bias0 = jax.random.normal(keys[4], (widths[0],)).astype(dtype)
+    a0, a1 = (jax.random.normal(keys[5 + i], (D, R)) * 0.3 for i in range(2))
+    b0, b1 = (jax.random.normal(keys[7 + i], (R, o)) * 0.3 for i, o in enumerate(widths[:2]))
+    cotangents = [jax.random.normal(keys[9 + i], (B, T, o)).astype(dtype) for i, o in enumerate(widths)]
+
+    def fused(x, k0, k1, k2, bias0, a0, b0, a1, b1):
+        return shared_input_lora_dense(x, [(k0, bias0, a0, b0), (k1, None, a1, b1), (k2, None, None, None)],
+                                       scaling=SCALING, dtype=dtype)
+
+    def reference(x, k0, k1, k2, bias0, a0, b0, a1, b1):
+        return [plain(x, k0, bias0, a0, b0, None, dtype), plain(x, k1, None, a1, b1, None, dtype),
+                jnp.dot(x.astype(dtype), k2.astype(dtype))]
+
+    inputs = (x, *kernels, bias0, a0, b0, a1, b1)
+    results = [jax.jit(lambda *args, f=f: (lambda ys, vjp: (ys, vjp(cotangents)))(*jax.vjp(f, *args)))(*inputs)
+               for f in (fused, reference)]
+    (ys, grads), (ys_ref, grads_ref) = results
+    rtol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for y, y_ref in zip(ys, ys_ref):
+        assert_close(y, y_ref, rtol)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, rtol)
+    assert [g.dtype for g in grads[-4:]] == [jnp.float32] * 4  # adapters' cotangents in their own dtype
+
+
+def test_attention_and_mlp_run_fused_projections_only_without_active_dropout():
+    """Same params with or without the fused path; with active dropout each projection keeps its own
+    mask (PEFT draws one per adapted linear), so the per-projection Linears run."""
+    cfg = tiny_config(tied=True, dropout=0.1)
+    params = random_params(cfg)
+    batch = tiny_batch(cfg)
+    model = llama.Llama(cfg, deterministic=False)
+    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, batch["tokens"],
+                           batch["positions"], batch["segment_ids"])
+    assert jax.tree_util.tree_structure(variables["params"]) == jax.tree_util.tree_structure(params)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch["tokens"], batch["positions"],
+                                                  batch["segment_ids"], rngs={"dropout": jax.random.key(2)}))(params)
+    assert "_shared_2d" not in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda p: llama.Llama(cfg).apply({"params": p}, batch["tokens"], batch["positions"],
+                                                             batch["segment_ids"]))(params)
+    assert "_shared_2d" in str(jaxpr)

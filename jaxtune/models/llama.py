@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.attention import attention
-from jaxtune.models.kernels import HeadSpec, dense, lora_dense, silu_gate
+from jaxtune.models.kernels import HeadSpec, dense, lora_dense, shared_input_lora_dense, silu_gate
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # LoRA adapters are trainable, so always float32 master weights whatever param_dtype (an Adam update of
@@ -165,20 +165,58 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        in_features = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        kernel, bias, a, b = linear_weights(self, x.shape[-1])
         if self.lora is None:
             return dense(x, kernel, bias, dtype=self.dtype)
-        a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), ADAPTER_DTYPE)
-        b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), ADAPTER_DTYPE)
         return lora_dense(x, kernel, bias, a, b, lora_dropout(self, x), scaling=self.lora.scaling, dtype=self.dtype)
+
+
+def linear_weights(module: Linear, in_features: int):
+    """(kernel [in, out], bias or None, lora_a or None, lora_b or None): a Linear's params."""
+    kernel = module.param("kernel", nn.initializers.normal(0.02), (in_features, module.features), module.param_dtype)
+    bias = module.param("bias", nn.initializers.zeros, (module.features,), module.param_dtype) if module.use_bias else None
+    if module.lora is None:
+        return kernel, bias, None, None
+    a = module.param("lora_a", lora_a_init, (in_features, module.lora.rank), ADAPTER_DTYPE)
+    b = module.param("lora_b", nn.initializers.zeros, (module.lora.rank, module.features), ADAPTER_DTYPE)
+    return kernel, bias, a, b
+
+
+class LinearWeights(Linear):
+    """A Linear's params alone (same names and shapes), for `shared_input_linears`."""
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        return linear_weights(self, in_features)
+
+
+def shared_input_linears(module: nn.Module, x, linears: list[Linear]) -> list:
+    """The outputs of Linears that read the same x (q/k/v; gate/up), each as `linear(x)` would be in
+    `module`; the Linears come unbound (parent=None) and become `module`'s submodules by their names.
+
+    When some of them carry a plain LoRA adapter (same scaling) and no dropout is active, they run
+    as one hand-written VJP (kernels.shared_input_lora_dense: x saved once, the adapters' a as one
+    matmul); otherwise (dropout: PEFT draws an independent mask per adapted linear; no adapter at
+    all: autodiff already saves x once) each Linear runs on its own. Same params either way."""
+    adapted = [linear.lora for linear in linears if linear.lora is not None]
+    fusable = (adapted and len({lora.scaling for lora in adapted}) == 1
+               and all(linear.lora is None or lora_dropout_inactive(linear) for linear in linears))
+    if not fusable:
+        return [linear.clone(parent=module)(x) for linear in linears]
+    weights = [LinearWeights(linear.features, linear.use_bias, linear.lora, linear.dtype, linear.param_dtype,
+                             linear.deterministic, parent=module, name=linear.name)(x.shape[-1])
+               for linear in linears]
+    return shared_input_lora_dense(x, weights, scaling=adapted[0].scaling, dtype=linears[0].dtype)
+
+
+def lora_dropout_inactive(module: nn.Module) -> bool:
+    return module.deterministic or module.lora.dropout == 0.0
 
 
 def lora_dropout(module: nn.Module, x):
     """The input the adapter multiplies: dropout(x) with the module's 'dropout' rng, or None when
     there is no dropout (rate 0 or deterministic) so the adapter reads x itself."""
-    if module.deterministic or module.lora.dropout == 0.0:
+    if lora_dropout_inactive(module):
         return None
     return nn.Dropout(module.lora.dropout)(x, deterministic=False)
 
@@ -271,12 +309,16 @@ class Attention(nn.Module):
         B, T, _ = x_BxTxD.shape
         H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-        def proj(name, features, bias):
-            return Linear(features, bias, lora_for(cfg, name), dtype, pdtype, self.deterministic, name=name)
+        def proj(name, features, bias, parent=self):
+            return Linear(features, bias, lora_for(cfg, name), dtype, pdtype, self.deterministic, parent=parent,
+                          name=name)
 
-        q_BxTxHxDh = proj("q_proj", H * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, H, Dh)
-        k_BxTxKxDh = proj("k_proj", K * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, K, Dh)
-        v_BxTxKxDh = proj("v_proj", K * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, K, Dh)
+        q_BxTxHD, k_BxTxKD, v_BxTxKD = shared_input_linears(
+            self, x_BxTxD, [proj("q_proj", H * Dh, cfg.qkv_bias, None), proj("k_proj", K * Dh, cfg.qkv_bias, None),
+                            proj("v_proj", K * Dh, cfg.qkv_bias, None)])
+        q_BxTxHxDh = q_BxTxHD.reshape(B, T, H, Dh)
+        k_BxTxKxDh = k_BxTxKD.reshape(B, T, K, Dh)
+        v_BxTxKxDh = v_BxTxKD.reshape(B, T, K, Dh)
         if cfg.qk_norm:
             q_BxTxHxDh = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="q_norm")(q_BxTxHxDh)
             k_BxTxKxDh = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="k_norm")(k_BxTxKxDh)
@@ -321,11 +363,12 @@ class MLP(nn.Module):
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
 
-        def proj(name, features):
-            return Linear(features, cfg.mlp_bias, lora_for(cfg, name), dtype, pdtype, self.deterministic, name=name)
+        def proj(name, features, parent=self):
+            return Linear(features, cfg.mlp_bias, lora_for(cfg, name), dtype, pdtype, self.deterministic,
+                          parent=parent, name=name)
 
-        gate_BxTxF = proj("gate_proj", cfg.intermediate_size)(x_BxTxD)
-        up_BxTxF = proj("up_proj", cfg.intermediate_size)(x_BxTxD)
+        gate_BxTxF, up_BxTxF = shared_input_linears(
+            self, x_BxTxD, [proj("gate_proj", cfg.intermediate_size, None), proj("up_proj", cfg.intermediate_size, None)])
         return proj("down_proj", cfg.hidden_size)(silu_gate(gate_BxTxF, up_BxTxF))
 
 
