@@ -17,13 +17,15 @@ import jax.numpy as jnp
 import optax
 
 from jaxtune.params import merge_trees
-from jaxtune.models.llama import Llama, ModelConfig, lm_head_logits
+from jaxtune.models.kernels import head_cross_entropy_sum
+from jaxtune.models.llama import Llama, ModelConfig, lm_head
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 
 
 # Cross-entropy runs over chunks of sequence positions of about this many logits ([B, c, V] f32:
-# 64 MiB), each chunk checkpointed: its logits and softmax gradient exist one chunk at a time.
+# 64 MiB): its logits and softmax gradient exist one chunk at a time, and the head's gradients are
+# formed in the same pass (jaxtune.models.kernels.head_cross_entropy_sum).
 LOSS_CHUNK_LOGITS = 16 * 2**20
 
 
@@ -36,41 +38,10 @@ def summed_loss(trainable, frozen, batch, cfg: ModelConfig, rng, deterministic: 
     mask_BxT = batch["loss_mask"].astype(jnp.float32)
     B, T = mask_BxT.shape
     chunk = max(1, min(T, LOSS_CHUNK_LOGITS // (B * cfg.vocab_size)))
-    ce_sum = chunked_cross_entropy_sum(lambda h, hd: lm_head_logits(params, cfg, h, hd), h_BxTxD, h_dropped_BxTxD,
-                                       batch["targets"], mask_BxT, chunk)
+    kernel, lora_a, lora_b, spec = lm_head(params, cfg)
+    ce_sum = head_cross_entropy_sum(h_BxTxD, h_dropped_BxTxD, kernel, lora_a, lora_b, batch["targets"], mask_BxT,
+                                    spec=spec, chunk=chunk)
     return ce_sum, jnp.sum(mask_BxT)
-
-
-def chunked_cross_entropy_sum(logits_fn, h_BxTxD, h_dropped_BxTxD, targets_BxT, mask_BxT, chunk: int):
-    """sum over [B, T] of CE(logits_fn(h, h_dropped), targets) * mask, `chunk` positions at a time.
-
-    Each chunk is a jax.checkpoint: the backward recomputes that chunk's [B, chunk, V] logits rather
-    than keeping all of them. T is padded up to a multiple of the chunk with masked positions."""
-    B, T, _ = h_BxTxD.shape
-    num_chunks = -(-T // chunk)
-    chunk = -(-T // num_chunks)  # same number of chunks, least padding
-    pad = num_chunks * chunk - T
-
-    def chunked(x_BxT_):  # [B, T, ...] -> [num_chunks, B, chunk, ...]
-        x = jnp.pad(x_BxT_, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT_.ndim - 2))
-        return jnp.moveaxis(x.reshape(B, num_chunks, chunk, *x.shape[2:]), 1, 0)
-
-    def chunk_ce_sum(h_BxCxD, hd_BxCxD, targets_BxC, mask_BxC):
-        logits_BxCxV = logits_fn(h_BxCxD, hd_BxCxD)
-        ce_BxC = optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
-        return jnp.sum(ce_BxC * mask_BxC)
-
-    if num_chunks == 1:  # small enough to keep: no recomputation
-        return chunk_ce_sum(h_BxTxD, h_dropped_BxTxD, targets_BxT, mask_BxT)
-    chunk_ce_sum = jax.checkpoint(chunk_ce_sum)
-    xs = (chunked(h_BxTxD), None if h_dropped_BxTxD is None else chunked(h_dropped_BxTxD),
-          chunked(targets_BxT), chunked(mask_BxT))
-
-    def body(total, x):
-        return total + chunk_ce_sum(*x), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total
 
 
 def split_micro_batches(batch, num_micro: int):

@@ -12,7 +12,7 @@ import pytest
 from jaxtune import lora, step
 from jaxtune import params as params_lib
 from jaxtune.models import llama
-from jaxtune.models.kernels import dense, lora_dense
+from jaxtune.models.kernels import HeadSpec, dense, head_cross_entropy_sum, lora_dense, shared_input_lora_dense, silu_gate
 
 B, T, D, O, R = 2, 5, 12, 7, 3
 SCALING = 2.5
@@ -206,31 +206,103 @@ def random_params_of(module, *inputs):
     return {name: value + 0.3 * jax.random.normal(k, value.shape) for (name, value), k in zip(params.items(), keys)}
 
 
-def test_chunked_cross_entropy_with_a_dropped_head_input_equals_the_plain_math():
-    """The head adapter multiplies its dropped input (same mask), chunked or not."""
-    rng = np.random.default_rng(0)
+def head_case(seed, V, with_adapter, with_dropout, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return {"h": normal(B, T, D).astype(dtype), "keep": jnp.asarray(rng.random((B, T, D)) < KEEP) if with_dropout else None,
+            "w_DxV": normal(D, V).astype(dtype), "a": normal(D, R) if with_adapter else None,
+            "b": normal(R, V) if with_adapter else None, "targets": jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32),
+            "mask": jnp.asarray(rng.random((B, T)) < 0.6, jnp.float32)}
+
+
+def plain_head_ce(h, kernel, a, b, keep, targets, mask, tied, dtype):
+    """The math the fused head replaces: full logits, optax's CE, masked sum."""
+    w = (kernel.T if tied else kernel).astype(dtype)
+    logits = jnp.dot(h.astype(dtype), w)
+    if a is not None:
+        hd = h if keep is None else dropped(h, keep)
+        logits = logits + (hd.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype) * SCALING
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * mask)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("with_adapter,with_dropout", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("chunk", [2, T])
+def test_fused_head_cross_entropy_gradients_equal_autodiff_of_the_plain_math(tied, with_adapter, with_dropout, chunk):
+    """Tied ([V, D] embedding) and untied ([D, V]) heads, with a LoRA adapter (dropped input or not),
+    chunked (T=5 in chunks of 2: padded) or not: loss and the gradients of h, kernel, a, b."""
     V = 13
-    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
-    keep = jnp.asarray(rng.random((B, T, D)) < KEEP)
-    w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
-    a = jnp.asarray(rng.normal(size=(D, R)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(R, V)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    mask = jnp.asarray(rng.random((B, T)) < 0.6, jnp.float32)
+    p = head_case(0, V, with_adapter, with_dropout)
+    kernel = p["w_DxV"].T if tied else p["w_DxV"]
+    spec = HeadSpec(tied, SCALING, jnp.float32)
+    keep = p["keep"]
 
-    def chunked(h, w, a, b):
-        logits_fn = lambda hc, hdc: lora_dense(hc, w, None, a, b, hdc, scaling=SCALING, dtype=jnp.float32)
-        return step.chunked_cross_entropy_sum(logits_fn, h, dropped(h, keep), targets, mask, chunk=2)
+    def fused(h, kernel, a, b):
+        hd = None if keep is None else dropped(h, keep)
+        return head_cross_entropy_sum(h, hd, kernel, a, b, p["targets"], p["mask"], spec=spec, chunk=chunk)
 
-    def reference(h, w, a, b):
-        logits = h @ w + (dropped(h, keep) @ a) @ b * SCALING
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
+    def reference(h, kernel, a, b):
+        return plain_head_ce(h, kernel, a, b, keep, p["targets"], p["mask"], tied, jnp.float32)
 
-    value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2, 3)))(h, w, a, b)
-    ref_value, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2, 3)))(h, w, a, b)
+    argnums = (0, 1, 2, 3) if with_adapter else (0, 1)
+    value, grads = jax.jit(jax.value_and_grad(fused, argnums=argnums))(p["h"], kernel, p["a"], p["b"])
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=argnums))(p["h"], kernel, p["a"], p["b"])
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(fused)(p["h"], kernel, p["a"], p["b"]), ref_value, rtol=1e-6)
     for g, g_ref in zip(grads, ref_grads):
         assert_close(g, g_ref, 1e-5)
+    # Only the differentiated inputs: h alone (a LoRA step's frozen kernel), scaled by a cotangent.
+    g_h = jax.jit(jax.grad(lambda h: 3.0 * fused(h, kernel, p["a"], p["b"])))(p["h"])
+    assert_close(g_h, 3.0 * ref_grads[0], 1e-5)
+
+
+def test_fused_head_cross_entropy_bf16_compute_returns_each_gradient_in_its_own_dtype():
+    V = 13
+    p = head_case(1, V, True, True, dtype=jnp.bfloat16)
+    spec = HeadSpec(False, SCALING, jnp.bfloat16)
+
+    def fused(h, kernel, a, b):
+        return head_cross_entropy_sum(h, dropped(h, p["keep"]), kernel, a, b, p["targets"], p["mask"], spec=spec,
+                                      chunk=2)
+
+    def reference(h, kernel, a, b):
+        return plain_head_ce(h, kernel, a, b, p["keep"], p["targets"], p["mask"], False, jnp.bfloat16)
+
+    args = (p["h"], p["w_DxV"], p["a"], p["b"])
+    value, grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2, 3)))(*args)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2, 3)))(*args)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
+    np.testing.assert_allclose(value, ref_value, rtol=1e-2)
+    for g, g_ref in zip(grads, ref_grads):
+        assert_close(g, g_ref, 3e-2)  # bf16 round-off; both compute the head in bf16
+
+
+def dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in a jaxpr, inside scan/jit/custom-rule bodies too."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else [param]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += dot_output_shapes(inner)
+    return shapes
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_the_head_kernel_gradient_is_formed_only_when_the_kernel_trains(full_finetune):
+    """The fused head forms the gradients of differentiated inputs only: a LoRA step (frozen tied
+    embedding) has no [V, D] gradient dot; full fine-tuning has it."""
+    cfg = tiny_config(tied=True, targets=("q_proj", "v_proj"))
+    trainable, frozen = lora.split_trainable(random_params(cfg), full_finetune=full_finetune)
+    batch = tiny_batch(cfg)
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda tr: step.summed_loss(tr, frozen, batch, cfg, jax.random.key(0), True)[0]))(trainable)
+    has_kernel_gradient = (cfg.vocab_size, cfg.hidden_size) in dot_output_shapes(jaxpr.jaxpr)
+    assert has_kernel_gradient == full_finetune
 
 
 def test_module_dropout_feeds_the_adapter_only():
@@ -277,3 +349,67 @@ def test_attention_and_its_gradients_equal_dot_product_attention(dtype):
     assert_close(out, ref_out, rtol)
     for g, g_ref in zip(vjp(dout), ref_vjp(dout)):
         assert_close(g, g_ref, rtol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_silu_gate_and_its_gradients_equal_autodiff_of_the_plain_math(dtype):
+    keys = jax.random.split(jax.random.key(7), 3)
+    gate = (jax.random.normal(keys[0], (B, T, O)) * 3).astype(dtype)
+    up = jax.random.normal(keys[1], (B, T, O)).astype(dtype)
+    dy = jax.random.normal(keys[2], (B, T, O)).astype(dtype)
+    y, vjp = jax.jit(lambda g, u: jax.vjp(silu_gate, g, u))(gate, up)
+    y_ref, vjp_ref = jax.jit(lambda g, u: jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u))(gate, up)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))  # same forward
+    for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
+        assert_close(g, g_ref, 1e-6 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shared_input_lora_dense_gradients_equal_autodiff_of_the_plain_math(dtype):
+    """Fused q/k/v-style projections of one input: with bias and adapter, adapter only, neither
+    (a projection left out of lora.targets); outputs and every cotangent against per-projection math."""
+    keys = jax.random.split(jax.random.key(11), 12)
+    x = jax.random.normal(keys[0], (B, T, D)).astype(dtype)
+    widths = (7, 5, 3)
+    kernels = [jax.random.normal(keys[1 + i], (D, o)).astype(dtype) * 0.3 for i, o in enumerate(widths)]
+    bias0 = jax.random.normal(keys[4], (widths[0],)).astype(dtype)
+    a0, a1 = (jax.random.normal(keys[5 + i], (D, R)) * 0.3 for i in range(2))
+    b0, b1 = (jax.random.normal(keys[7 + i], (R, o)) * 0.3 for i, o in enumerate(widths[:2]))
+    cotangents = [jax.random.normal(keys[9 + i], (B, T, o)).astype(dtype) for i, o in enumerate(widths)]
+
+    def fused(x, k0, k1, k2, bias0, a0, b0, a1, b1):
+        return shared_input_lora_dense(x, [(k0, bias0, a0, b0), (k1, None, a1, b1), (k2, None, None, None)],
+                                       scaling=SCALING, dtype=dtype)
+
+    def reference(x, k0, k1, k2, bias0, a0, b0, a1, b1):
+        return [plain(x, k0, bias0, a0, b0, None, dtype), plain(x, k1, None, a1, b1, None, dtype),
+                jnp.dot(x.astype(dtype), k2.astype(dtype))]
+
+    inputs = (x, *kernels, bias0, a0, b0, a1, b1)
+    results = [jax.jit(lambda *args, f=f: (lambda ys, vjp: (ys, vjp(cotangents)))(*jax.vjp(f, *args)))(*inputs)
+               for f in (fused, reference)]
+    (ys, grads), (ys_ref, grads_ref) = results
+    rtol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for y, y_ref in zip(ys, ys_ref):
+        assert_close(y, y_ref, rtol)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, rtol)
+    assert [g.dtype for g in grads[-4:]] == [jnp.float32] * 4  # adapters' cotangents in their own dtype
+
+
+def test_attention_and_mlp_run_fused_projections_only_without_active_dropout():
+    """Same params with or without the fused path; with active dropout each projection keeps its own
+    mask (PEFT draws one per adapted linear), so the per-projection Linears run."""
+    cfg = tiny_config(tied=True, dropout=0.1)
+    params = random_params(cfg)
+    batch = tiny_batch(cfg)
+    model = llama.Llama(cfg, deterministic=False)
+    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, batch["tokens"],
+                           batch["positions"], batch["segment_ids"])
+    assert jax.tree_util.tree_structure(variables["params"]) == jax.tree_util.tree_structure(params)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch["tokens"], batch["positions"],
+                                                  batch["segment_ids"], rngs={"dropout": jax.random.key(2)}))(params)
+    assert "_shared_2d" not in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda p: llama.Llama(cfg).apply({"params": p}, batch["tokens"], batch["positions"],
+                                                             batch["segment_ids"]))(params)
+    assert "_shared_2d" in str(jaxpr)

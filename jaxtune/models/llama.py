@@ -31,9 +31,9 @@ import jax.numpy as jnp
 
 from jaxtune.models import quant
 from jaxtune.models.attention import attention
-from jaxtune.models.dora import dora_dense, weight_norm
-from jaxtune.models.kernels import dense, lora_dense
 from jaxtune.models import multi_lora
+from jaxtune.models.dora import dora_dense, weight_norm
+from jaxtune.models.kernels import HeadSpec, dense, lora_dense, shared_input_lora_dense, silu_gate
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # LoRA adapters are trainable, so always float32 master weights whatever param_dtype (an Adam update of
@@ -178,23 +178,64 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        in_features = x.shape[-1]
-        if self.quant is None:
-            kernel = self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features), self.param_dtype)
-        else:
-            kernel = quantized_kernel(self, in_features, self.features, self.quant, self.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        kernel, bias, a, b = linear_weights(self, x.shape[-1])
         if self.has_variable("params", multi_lora.BANK_A):  # many adapters, one per row (jaxtune.multi_adapter)
             return multi_lora.bank_dense(x, kernel, bias, self.variables["params"], dtype=self.dtype)
-        if self.lora is None:
+        if a is None:
             return dense(x, kernel, bias, dtype=self.dtype)
-        a = self.param("lora_a", lora_a_init, (in_features, self.lora.rank), ADAPTER_DTYPE)
-        b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), ADAPTER_DTYPE)
         if self.lora.dora:  # magnitude m [out], initialised to ||W + scaling a b|| (jaxtune.lora sets it from the base)
             magnitude = self.param("lora_magnitude", lambda _: weight_norm(kernel, a, b, self.lora.scaling))
             return dora_dense(x, kernel, bias, a, b, magnitude, lora_dropout(self, x), scaling=self.lora.scaling,
                               dtype=self.dtype)
         return lora_dense(x, kernel, bias, a, b, lora_dropout(self, x), scaling=self.lora.scaling, dtype=self.dtype)
+
+
+def linear_weights(module: Linear, in_features: int):
+    """(kernel [in, out], bias or None, lora_a or None, lora_b or None): a Linear's params (an NF4
+    kernel dequantised to the compute dtype; no adapter when the params carry an adapter bank)."""
+    if module.quant is None:
+        kernel = module.param("kernel", nn.initializers.normal(0.02), (in_features, module.features),
+                              module.param_dtype)
+    else:
+        kernel = quantized_kernel(module, in_features, module.features, module.quant, module.dtype)
+    bias = module.param("bias", nn.initializers.zeros, (module.features,), module.param_dtype) if module.use_bias else None
+    if module.lora is None or module.has_variable("params", multi_lora.BANK_A):
+        return kernel, bias, None, None
+    a = module.param("lora_a", lora_a_init, (in_features, module.lora.rank), ADAPTER_DTYPE)
+    b = module.param("lora_b", nn.initializers.zeros, (module.lora.rank, module.features), ADAPTER_DTYPE)
+    return kernel, bias, a, b
+
+
+class LinearWeights(Linear):
+    """A Linear's params alone (same names and shapes), for `shared_input_linears`."""
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        return linear_weights(self, in_features)
+
+
+def shared_input_linears(module: nn.Module, x, linears: list[Linear]) -> list:
+    """The outputs of Linears that read the same x (q/k/v; gate/up), each as `linear(x)` would be in
+    `module`; the Linears come unbound (parent=None) and become `module`'s submodules by their names.
+
+    When some of them carry a plain LoRA adapter (same scaling) and no dropout is active, they run
+    as one hand-written VJP (kernels.shared_input_lora_dense: x saved once, the adapters' a as one
+    matmul); otherwise (dropout: PEFT draws an independent mask per adapted linear; no adapter at
+    all: autodiff already saves x once) each Linear runs on its own. Same params either way."""
+    adapted = [linear.lora for linear in linears if linear.lora is not None]
+    fusable = (adapted and len({lora.scaling for lora in adapted}) == 1
+               and not any(lora.dora for lora in adapted) and all(linear.quant is None for linear in linears)
+               and all(linear.lora is None or lora_dropout_inactive(linear) for linear in linears))
+    if not fusable:
+        return [linear.clone(parent=module)(x) for linear in linears]
+    weights = [LinearWeights(linear.features, linear.use_bias, linear.lora, linear.dtype, linear.param_dtype,
+                             linear.deterministic, linear.quant, parent=module, name=linear.name)(x.shape[-1])
+               for linear in linears]
+    return shared_input_lora_dense(x, weights, scaling=adapted[0].scaling, dtype=linears[0].dtype)
+
+
+def lora_dropout_inactive(module: nn.Module) -> bool:
+    return module.deterministic or module.lora.dropout == 0.0
 
 
 def quantized_kernel(module: nn.Module, in_features: int, out_features: int, qcfg: quant.QuantConfig, dtype):
@@ -226,7 +267,7 @@ def quant_for(cfg: ModelConfig, target: str) -> quant.QuantConfig | None:
 def lora_dropout(module: nn.Module, x):
     """The input the adapter multiplies: dropout(x) with the module's 'dropout' rng, or None when
     there is no dropout (rate 0 or deterministic) so the adapter reads x itself."""
-    if module.deterministic or module.lora.dropout == 0.0:
+    if lora_dropout_inactive(module):
         return None
     return nn.Dropout(module.lora.dropout)(x, deterministic=False)
 
@@ -319,13 +360,16 @@ class Attention(nn.Module):
         B, T, _ = x_BxTxD.shape
         H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-        def proj(name, features, bias):
+        def proj(name, features, bias, parent=self):
             return Linear(features, bias, lora_for(cfg, name), dtype, pdtype, self.deterministic,
-                          quant=quant_for(cfg, name), name=name)
+                          quant=quant_for(cfg, name), parent=parent, name=name)
 
-        q_BxTxHxDh = proj("q_proj", H * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, H, Dh)
-        k_BxTxKxDh = proj("k_proj", K * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, K, Dh)
-        v_BxTxKxDh = proj("v_proj", K * Dh, cfg.qkv_bias)(x_BxTxD).reshape(B, T, K, Dh)
+        q_BxTxHD, k_BxTxKD, v_BxTxKD = shared_input_linears(
+            self, x_BxTxD, [proj("q_proj", H * Dh, cfg.qkv_bias, None), proj("k_proj", K * Dh, cfg.qkv_bias, None),
+                            proj("v_proj", K * Dh, cfg.qkv_bias, None)])
+        q_BxTxHxDh = q_BxTxHD.reshape(B, T, H, Dh)
+        k_BxTxKxDh = k_BxTxKD.reshape(B, T, K, Dh)
+        v_BxTxKxDh = v_BxTxKD.reshape(B, T, K, Dh)
         if cfg.qk_norm:
             q_BxTxHxDh = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="q_norm")(q_BxTxHxDh)
             k_BxTxKxDh = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="k_norm")(k_BxTxKxDh)
@@ -370,13 +414,13 @@ class MLP(nn.Module):
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.compute_dtype], DTYPES[cfg.param_dtype]
 
-        def proj(name, features):
+        def proj(name, features, parent=self):
             return Linear(features, cfg.mlp_bias, lora_for(cfg, name), dtype, pdtype, self.deterministic,
-                          quant=quant_for(cfg, name), name=name)
+                          quant=quant_for(cfg, name), parent=parent, name=name)
 
-        gate_BxTxF = proj("gate_proj", cfg.intermediate_size)(x_BxTxD)
-        up_BxTxF = proj("up_proj", cfg.intermediate_size)(x_BxTxD)
-        return proj("down_proj", cfg.hidden_size)(nn.silu(gate_BxTxF) * up_BxTxF)
+        gate_BxTxF, up_BxTxF = shared_input_linears(
+            self, x_BxTxD, [proj("gate_proj", cfg.intermediate_size, None), proj("up_proj", cfg.intermediate_size, None)])
+        return proj("down_proj", cfg.hidden_size)(silu_gate(gate_BxTxF, up_BxTxF))
 
 
 class DecoderLayer(nn.Module):
@@ -454,7 +498,7 @@ class Decoder(nn.Module):
 class Llama(nn.Module):
     """Causal LM. Returns (logits [B, T, V] float32, new KV cache or None); with hidden_only=True,
     (final hidden states [B, T, D], the lm_head adapter's dropped input or None) for a loss that
-    applies `lm_head_logits` in chunks so the [B, T, V] logits never exist at once.
+    applies the head (`lm_head`) in chunks so the [B, T, V] logits never exist at once.
 
     cache: None (training / scoring) or a dict from `init_cache` whose `k`/`v` are [L, B, S, K, Dh]
     and `segments` is [L, B, S]; `cache_index` (int32 scalar) is where this call's T tokens are
@@ -480,7 +524,7 @@ class Llama(nn.Module):
             tokens_BxT, positions_BxT, segments_BxT, cache, cache_index
         )
         head_lora = lora_for(cfg, "lm_head")
-        if hidden_only:  # (final hidden states, the lm_head adapter's dropped input or None): see lm_head_logits
+        if hidden_only:  # (final hidden states, the lm_head adapter's dropped input or None): see lm_head
             dropped = None
             if head_lora is not None and head_lora.dropout > 0.0 and not self.deterministic:
                 dropped = nn.Dropout(head_lora.dropout, name="lm_head_dropout")(h_BxTxD, deterministic=False)
@@ -495,25 +539,25 @@ class Llama(nn.Module):
         return logits_BxTxV.astype(jnp.float32), new_cache
 
 
-def lm_head_logits(params, cfg: ModelConfig, h_BxTxD, h_dropped_BxTxD=None):
-    """float32 logits [B, T, V] of final hidden states, from the param tree: the same head as
-    Llama.__call__ (tied or not, with its LoRA), as a pure function that the loss can evaluate
-    chunk by chunk (jaxtune.step). h_dropped: the adapter's dropped input from `hidden_only=True`."""
-    dtype = DTYPES[cfg.compute_dtype]
-    if cfg.tie_word_embeddings:
-        kernel_DxV = params["model"]["embed_tokens"]["embedding"].T
-    elif quant_for(cfg, "lm_head") is not None:  # NF4 leaves in HF layout [V, D]
-        kernel_DxV = quant.dequantize(params["lm_head"], dtype).T
-    else:
-        kernel_DxV = params["lm_head"]["kernel"]
+def lm_head(params, cfg: ModelConfig):
+    """The output head of Llama.__call__ (tied or not, with its LoRA) from the param tree, for a loss
+    that applies it chunk by chunk (jaxtune.step, kernels.head_cross_entropy_sum):
+    (kernel, lora_a or None, lora_b or None, HeadSpec). A tied head's kernel is the embedding [V, D]
+    itself (never transposed into a copy), a quantised one its dequantised NF4 leaves [V, D]; an untied
+    one is lm_head's [D, V]."""
     head_lora = lora_for(cfg, "lm_head")
-    if head_lora is None:
-        logits_BxTxV = dense(h_BxTxD, kernel_DxV, None, dtype=dtype)
+    kernel_is_VxD = True
+    if cfg.tie_word_embeddings:
+        kernel = params["model"]["embed_tokens"]["embedding"]
+    elif quant_for(cfg, "lm_head") is not None:  # NF4 leaves in HF layout: dequantised [V, D], no transpose
+        kernel = quant.dequantize(params["lm_head"], DTYPES[cfg.compute_dtype])
     else:
-        head = params["lm_head"]
-        logits_BxTxV = lora_dense(h_BxTxD, kernel_DxV, None, head["lora_a"], head["lora_b"], h_dropped_BxTxD,
-                                  scaling=head_lora.scaling, dtype=dtype)
-    return logits_BxTxV.astype(jnp.float32)
+        kernel, kernel_is_VxD = params["lm_head"]["kernel"], False
+    a = b = None
+    if head_lora is not None:
+        a, b = params["lm_head"]["lora_a"], params["lm_head"]["lora_b"]
+    scaling = head_lora.scaling if head_lora is not None else 1.0
+    return kernel, a, b, HeadSpec(kernel_is_VxD, float(scaling), DTYPES[cfg.compute_dtype])
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
