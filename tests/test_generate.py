@@ -20,6 +20,7 @@ import torch
 from conftest import build_tiny_hf_model
 from jaxtune import api, generate as gen, lora
 from jaxtune import params as params_lib
+from jaxtune.models import llama
 from jaxtune.models.llama import Llama, LoRAConfig, unstack_cache
 
 FAMILIES = ["llama3.2-tied", "qwen2", "qwen3", "mistral"]
@@ -233,3 +234,37 @@ def test_smollm2_generate_text_and_cli(smollm2):
                           "--prompt=What is the capital of France?", "--max_new_tokens=16"],
                          capture_output=True, text=True, timeout=600, check=True)
     assert "Paris" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Decode kernels against their plain math
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_decode_tied_logits_equal_the_plain_product(rows):
+    rng = np.random.default_rng(rows)
+    h_Bx1xD = rng.standard_normal((rows, 1, 48), dtype=np.float32)
+    embedding_VxD = rng.standard_normal((300, 48), dtype=np.float32)
+    logits = llama.decode_tied_logits(h_Bx1xD, embedding_VxD, np.float32)
+    assert logits.shape == (rows, 1, 300)
+    np.testing.assert_allclose(logits, h_Bx1xD @ embedding_VxD.T, rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
+    rng = np.random.default_rng(0)
+    B, H, K, S, Dh = 3, 6, 2, 10, 8
+    q_BxHxDh = rng.standard_normal((B, H, Dh), dtype=np.float32)
+    keys_BxKxSxDh = rng.standard_normal((B, K, S, Dh), dtype=np.float32)
+    values_BxKxSxDh = rng.standard_normal((B, K, S, Dh), dtype=np.float32)
+    mask_BxS = rng.random((B, S)) < 0.6
+    mask_BxS[:, 0] = True
+    out = llama.one_token_attention(q_BxHxDh, keys_BxKxSxDh, values_BxKxSxDh, mask_BxS, 0.3)
+    expected = np.zeros((B, H, Dh), np.float32)
+    for b in range(B):
+        for head in range(H):
+            kv = head // (H // K)  # grouped-query: G consecutive query heads share a kv head
+            scores = keys_BxKxSxDh[b, kv] @ q_BxHxDh[b, head] * 0.3
+            scores = np.where(mask_BxS[b], scores, -np.inf)
+            weights = np.exp(scores - scores.max())
+            expected[b, head] = (weights / weights.sum()) @ values_BxKxSxDh[b, kv]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
