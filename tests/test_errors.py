@@ -12,7 +12,9 @@ from jaxtune.errors import JaxtuneError
 
 # Errors that never reach a user: raised and caught inside the task scorers (a model's answer that
 # does not parse or whose SQL cannot run is scored as wrong).
-INTERNAL = {"jaxtune.tasks.sql.QueryError", "jaxtune.tasks.viggo.MRError"}
+# jaxtune.serve.ApiError is an HTTP request's error: the server answers it to the client as OpenAI's JSON
+# error body with its status and keeps serving; it never reaches a CLI.
+INTERNAL = {"jaxtune.tasks.sql.QueryError", "jaxtune.tasks.viggo.MRError", "jaxtune.serve.ApiError"}
 
 # The built-in base each user-facing error had before JaxtuneError: `except ValueError` etc. still catch it.
 BUILT_IN_BASES = {
@@ -29,6 +31,14 @@ BUILT_IN_BASES = {
     "jaxtune.smollm2.SourceUnavailableError": RuntimeError,
     "jaxtune.tasks.registry.UnknownTaskError": KeyError,
     "jaxtune.train.TrainingError": RuntimeError,
+    "jaxtune.plan.targets.PlanError": ValueError,
+    "jaxtune.multi_adapter.AdapterError": ValueError,
+    "jaxtune.generate.PromptsError": ValueError,
+    "jaxtune.compare.run.ArmFailed": RuntimeError,
+    "jaxtune.compare.arms.CompareConfigError": ValueError,
+    # The serving engine's refusals (answered as HTTP 429 / 503 by jaxtune.serve): new, no older base.
+    "jaxtune.engine.QueueFull": Exception,
+    "jaxtune.engine.EngineStopped": Exception,
 }
 
 

@@ -3,6 +3,7 @@ a quantised base against the float model over the de-quantised weights, LoRA gra
 validation, loading a QLoRA run, and the merged export's two bases against transformers."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import shutil
-
 from conftest import random_adapters, require_reference, tiny_config, write_chat_jsonl, write_run
 from jaxtune import checkpoint, export, generate, hf, loading, lora, sharding, state, step, train, workdir
 from jaxtune import config as config_lib
 from jaxtune import params as params_lib
 from jaxtune.models import quant
 from jaxtune.models.llama import LINEAR_TARGETS, Llama
+from jaxtune.plan.compiled import compiled_figures
 
 SHAPES = [(192, 576), (1536, 576), (576, 1536), (7, 320)]  # SmolLM2's k/v, gate/up, down; a short last block
 TOKENS = np.array([[5, 17, 99, 3, 64, 200, 31, 8]], dtype=np.int32)
@@ -241,7 +241,7 @@ def test_frozen_weights_take_under_a_third_of_their_float32_bytes(qmodel_folder)
         st = state.init(trainable, tx, 0)
         compiled = jax.jit(lambda s, f, b, c=cfg: step.train_step(s, f, b, cfg=c, tx=tx, grad_accum=1)).lower(
             st, frozen, batch).compile()
-        results[name] = (kernel_bytes(frozen), sharding.compiled_memory(compiled))
+        results[name] = (kernel_bytes(frozen), compiled_figures(compiled))
     float_bytes = results["float"][0]
     assert results["nf4"][0] <= 0.3 * float_bytes  # 4 bits + a float32 absmax per 64: 0.156x
     assert results["nf4-double"][0] < results["nf4"][0]
@@ -249,7 +249,9 @@ def test_frozen_weights_take_under_a_third_of_their_float32_bytes(qmodel_folder)
     assert saved >= 0.7 * float_bytes
     # No float copy of the layers' kernels kept for the backward (it was, before the layers' remat
     # policy: the float step's temporaries plus all the kernels in float).
-    assert results["nf4"][1]["temp"] <= results["float"][1]["temp"]
+    # A float copy would add ~float_bytes of temporaries; dequantising per layer adds a few per cent.
+    extra = results["nf4"][1]["temp"] - results["float"][1]["temp"]
+    assert extra <= 0.25 * float_bytes, (extra, float_bytes)
 
 
 def test_sharded_leaves_carry_the_kernels_axes(qmodel_folder):
