@@ -99,8 +99,8 @@ REFIT_PENDING = "COMPILER_HABITS not refitted to the train step after commit fd7
 def assert_estimate_close(estimate_bytes: float, compiled_bytes: float, context=None):
     if estimate_bytes == pytest.approx(compiled_bytes, rel=0.15):
         return
-    pytest.xfail(f"{REFIT_PENDING}: estimate {estimate_bytes / 2**20:.1f} MiB vs compiler {compiled_bytes / 2**20:.1f} "
-                 f"MiB ({context})")
+    pytest.xfail(f"{REFIT_PENDING}: estimate {estimate_bytes / 2**20:.1f} MiB vs {compiled_bytes / 2**20:.1f} "
+                 f"MiB measured by the compiler or the run ({context})")
 
 
 # --------------------------------------------------------------------------------------------
