@@ -271,21 +271,24 @@ def llama3(tmp_path_factory):
     return build_bpe_tokenizer(tmp_path_factory, "llama3", LLAMA3, add_bos=True)
 
 
-def save_random_peft_adapter(folder, out_dir, rank, alpha, targets, rslora=False, seed=0, scale=0.05):
+def save_random_peft_adapter(folder, out_dir, rank, alpha, targets, rslora=False, seed=0, scale=0.05, dora=False):
     """A LoRA adapter made and saved by peft itself over the HF model in `folder`, every A and B random
-    and non-zero -> the PeftModel (eval mode), for parity checks against it."""
+    and non-zero -> the PeftModel (eval mode), for parity checks against it. dora=True: a DoRA adapter
+    (use_dora), its magnitudes moved off their initial norms by a random +-10%."""
     import peft
     import torch
     import transformers
 
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, use_rslora=rslora,
-                             task_type="CAUSAL_LM")
+                             use_dora=dora, task_type="CAUSAL_LM")
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
     peft_model = peft.get_peft_model(base, config)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+            elif "lora_" in name:
                 p.copy_(scale * torch.randn_like(p))
     peft_model.eval()
     peft_model.save_pretrained(str(out_dir))

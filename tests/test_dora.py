@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import random_adapters, require_reference, tiny_config, write_chat_jsonl
+from conftest import random_adapters, require_reference, save_random_peft_adapter, tiny_config, write_chat_jsonl
 from jaxtune import api, config as config_lib, hf, loading, lora, optim, sharding, train
 from jaxtune import params as params_lib
 from jaxtune import peft as peft_io
@@ -195,19 +195,7 @@ def test_peft_loads_our_dora_adapter_with_the_same_logits(tiny_models, tmp_path,
 
 def peft_saved_dora_adapter(folder, out_dir, targets, seed=0):
     """A DoRA adapter made and saved by peft itself: random A, B, magnitudes off their initial norms."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, use_dora=True,
-                             task_type="CAUSAL_LM")
-    peft_model = peft.get_peft_model(fresh_hf_model(folder), config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn_like(p))
-            elif "lora_" in name:
-                p.copy_(0.05 * torch.randn_like(p))
-    peft_model.eval()
-    peft_model.save_pretrained(str(out_dir))
-    return peft_model
+    return save_random_peft_adapter(folder, out_dir, 4, 8, targets, seed=seed, dora=True)
 
 
 @pytest.mark.parametrize("family", ["llama-attn-bias", "qwen3"])

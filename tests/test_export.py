@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import random_adapters, require_reference, write_run
+from conftest import random_adapters, require_reference, save_random_peft_adapter, write_run
 from jaxtune import api, export, hf, lora
 from jaxtune import params as params_lib
 from jaxtune import peft as peft_io
@@ -74,18 +74,8 @@ def test_peft_loads_our_adapter_with_the_same_logits(tiny_models, tmp_path, fami
 
 
 def peft_saved_adapter(folder, out_dir, targets, rslora, seed=0, alpha=8):
-    """An adapter made and saved by peft itself, with random non-zero A and B everywhere."""
-    config = peft.LoraConfig(r=4, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, use_rslora=rslora,
-                             task_type="CAUSAL_LM")
-    peft_model = peft.get_peft_model(fresh_hf_model(folder), config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.05 * torch.randn_like(p))
-    peft_model.eval()
-    peft_model.save_pretrained(str(out_dir))
-    return peft_model
+    """An adapter made and saved by peft itself, with random non-zero A and B everywhere (rank 4)."""
+    return save_random_peft_adapter(folder, out_dir, 4, alpha, targets, rslora=rslora, seed=seed)
 
 
 def test_our_adapter_files_match_what_peft_writes(tiny_models, tmp_path):
