@@ -43,30 +43,50 @@ from jaxtune.models.kernels import dense
 BANK_A = "lora_bank_a"
 BANK_B = "lora_bank_b"
 ROWS = "lora_rows"
+ALL_SLOTS_MAX_TOKEN_SLOTS = 64
 
 
-def gathered_delta(x_BxTxI, a_NxIxR, b_NxRxO, rows_B, *, dtype: Any):
-    """BGMV: x[b] A[rows[b]] B[rows[b]] for every row b -> [B, T, out] in `dtype`."""
-    a_BxIxR = jnp.take(a_NxIxR, rows_B, axis=0).astype(dtype)
+def gathered_delta(x_BxTxI, a_IxNxR, b_NxRxO, rows_B, *, dtype: Any):
+    """BGMV: x[b] A[rows[b]] B[rows[b]] for every row b, each row's A and B gathered -> [B, T, out]."""
+    a_IxBxR = jnp.take(a_IxNxR, rows_B, axis=1).astype(dtype)
     b_BxRxO = jnp.take(b_NxRxO, rows_B, axis=0).astype(dtype)
-    h_BxTxR = jnp.einsum("bti,bir->btr", x_BxTxI.astype(dtype), a_BxIxR)
+    h_BxTxR = jnp.einsum("bti,ibr->btr", x_BxTxI.astype(dtype), a_IxBxR)
     return jnp.einsum("btr,bro->bto", h_BxTxR, b_BxRxO)
 
 
-def grouped_delta(x_BxTxI, a_NxIxR, b_NxRxO, rows_B, *, dtype: Any):
-    """SGMV: the same delta as `gathered_delta`, rows sorted by slot, `jax.lax.ragged_dot` per group."""
+def all_slots_delta(x_BxTxI, a_IxNxR, b_NxRxO, rows_B, *, dtype: Any):
+    """The same delta from every slot at once: x [B*T, in] @ A [in, N*R], each row's own slot's R
+    columns kept (the others zeroed), then @ B [N*R, out]. Two plain 2-D matmuls, no gather."""
     B, T, I = x_BxTxI.shape
-    N = a_NxIxR.shape[0]
+    _, N, R = a_IxNxR.shape
+    h_MxNR = jnp.dot(x_BxTxI.reshape(B * T, I).astype(dtype), a_IxNxR.reshape(I, N * R).astype(dtype))
+    own_BxN = (rows_B[:, None] == jnp.arange(N, dtype=rows_B.dtype)[None, :]).astype(dtype)
+    h_BxTxNxR = h_MxNR.reshape(B, T, N, R) * own_BxN[:, None, :, None]
+    delta_MxO = jnp.dot(h_BxTxNxR.reshape(B * T, N * R), b_NxRxO.reshape(N * R, -1).astype(dtype))
+    return delta_MxO.reshape(B, T, -1)
+
+
+def grouped_delta(x_BxTxI, a_IxNxR, b_NxRxO, rows_B, *, dtype: Any):
+    """SGMV: the same delta, rows sorted by slot, `jax.lax.ragged_dot` per group."""
+    B, T, I = x_BxTxI.shape
+    N = a_IxNxR.shape[1]
     order_B = jnp.argsort(rows_B, stable=True)
     x_MxI = jnp.take(x_BxTxI, order_B, axis=0).reshape(B * T, I).astype(dtype)
     group_sizes_N = (jnp.bincount(rows_B, length=N) * T).astype(jnp.int32)
-    h_MxR = jax.lax.ragged_dot(x_MxI, a_NxIxR.astype(dtype), group_sizes_N)
+    h_MxR = jax.lax.ragged_dot(x_MxI, jnp.moveaxis(a_IxNxR, 1, 0).astype(dtype), group_sizes_N)
     delta_MxO = jax.lax.ragged_dot(h_MxR, b_NxRxO.astype(dtype), group_sizes_N)
     sorted_BxTxO = delta_MxO.reshape(B, T, -1)
     return jnp.zeros_like(sorted_BxTxO).at[order_B].set(sorted_BxTxO)
 
 
+def delta_kernel(tokens_per_row: int, slots: int):
+    """The faster per-row delta for these static shapes: `all_slots_delta` while tokens x slots is at
+    most ALL_SLOTS_MAX_TOKEN_SLOTS (decoding: 1 token per row), else `gathered_delta` (prefill)."""
+    return all_slots_delta if tokens_per_row * slots <= ALL_SLOTS_MAX_TOKEN_SLOTS else gathered_delta
+
+
 def bank_dense(x_BxTxI, kernel_IxO, bias_O, bank: dict, *, dtype: Any):
     """x W (+ bias) + the per-row delta of `bank` ({lora_bank_a, lora_bank_b, lora_rows} leaves)."""
-    delta_BxTxO = gathered_delta(x_BxTxI, bank[BANK_A], bank[BANK_B], bank[ROWS], dtype=dtype)
+    delta = delta_kernel(x_BxTxI.shape[1], bank[BANK_A].shape[1])
+    delta_BxTxO = delta(x_BxTxI, bank[BANK_A], bank[BANK_B], bank[ROWS], dtype=dtype)
     return dense(x_BxTxI, kernel_IxO, bias_O, dtype=dtype) + delta_BxTxO
