@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no_hf", action="store_true", help="skip the HF + PEFT loop")
     parser.add_argument("--chunk_tokens", type=int, default=8, help="decode steps per call (the server's chunks)")
+    parser.add_argument("--step_batches", default="8,64", help="batch sizes of the decode-step table")
+    parser.add_argument("--step_variants", default="", help="only the decode-step variants whose names hold one of "
+                                                            "these comma-separated parts (e.g. base,all slots)")
     parser.add_argument("--kernels_only", action="store_true", help="only the per-row delta kernels")
     parser.add_argument("--steps_only", action="store_true", help="stop after the decode-step table")
     parser.add_argument("--no_kernels", action="store_true", help="skip the per-row delta kernels")
@@ -113,7 +117,8 @@ def bench_kernels(repeats: int) -> None:
                   flush=True)
 
 
-def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 8) -> None:
+def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 8, batches=(8, 64),
+                       only: str = "") -> None:
     """One decode step (`generate.decode_steps`, `chunk` steps per call, caches carried and donated), at
     batch 8 and 64: the base alone, one adapter through the ordinary LoRA path, and the bank with each
     per-row kernel (rows cycling through the adapters)."""
@@ -126,15 +131,15 @@ def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 
     from jaxtune.models import multi_lora
     from jaxtune.models.llama import init_cache, unstack_cache
 
-    prompt, calls_per_variant = 32, 2 + 2 * repeats
-    cache_len = prompt + chunk * (calls_per_variant + 1)
+    prompt = 32
+    cache_len = prompt + chunk  # each call starts again at slot `prompt`: a small cache, the same work
     eos = jnp.asarray([-1], jnp.int32)
     tree, lora_cfg = adapters[-1]
     lora_params = params_lib.merge_trees(model.params, tree)
     default_kernel = multi_lora.delta_kernel
     print(f"\nwhole decode step (ms per step, {chunk} steps per call, best of {repeats}, interleaved), "
-          f"cache of {cache_len} slots, {prompt} filled:")
-    for batch in (8, 64):
+          f"cache of {cache_len} slots, the first {prompt} filled:")
+    for batch in batches:
         rows = [names[i % len(names)] for i in range(batch)]
         variants = {"base, no adapter": (model.params, model.cfg, None),
                     f"one adapter (LoRA r{lora_cfg.rank})": (lora_params, model.cfg.replace(lora=lora_cfg), None),
@@ -142,11 +147,14 @@ def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 
                     "bank, all slots": (bank.params(model.params, bank.rows(rows)), model.cfg, multi_lora.all_slots_delta)}
         runners = {}
         for name, (params, cfg, kernel) in variants.items():
+            if only and not any(part in name for part in only.split(",")):
+                continue
             layer_params = gen.per_layer_params(params, cfg)
-            cache = init_cache(cfg, batch, cache_len)
-            cache["segments"] = cache["segments"].at[:, :, :prompt].set(1)
+            cache = unstack_cache(init_cache(cfg, batch, cache_len))
+            for layer in cache:
+                layer["segments"] = layer["segments"].at[:, :prompt].set(1)
             state = {"step": jnp.int32(1), "slot": jnp.int32(prompt), "token": jnp.full((batch,), 7, jnp.int32),
-                     "position": jnp.full((batch,), prompt, jnp.int32), "cache": unstack_cache(cache),
+                     "position": jnp.full((batch,), prompt, jnp.int32), "cache": cache,
                      "done": jnp.zeros((batch,), bool), "seed": jnp.uint32(0)}
 
             def steps(layer_params, state, eos_ids_E, max_new_tokens, *, cfg, sampling, chunk):
@@ -160,7 +168,8 @@ def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 
             box = {"state": state}
 
             def run(step=step, layer_params=layer_params, cfg=cfg, box=box):
-                box["state"], tokens = step(layer_params, box["state"], eos, jnp.int32(1 << 30), cfg=cfg,
+                state = {**box["state"], "step": jnp.int32(1), "slot": jnp.int32(prompt)}
+                box["state"], tokens = step(layer_params, state, eos, jnp.int32(1 << 30), cfg=cfg,
                                             sampling=gen.Sampling(), chunk=chunk)
                 np.asarray(tokens)
 
@@ -171,6 +180,7 @@ def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 
         for name, seconds in times.items():
             print(f"  batch {batch:>2}  {name:<28} {seconds / chunk * 1e3:8.1f} ms/step  "
                   f"{batch * chunk / seconds:7.1f} tokens/s", flush=True)
+        print(f"  (peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)", flush=True)
         del runners
 
 
@@ -219,7 +229,8 @@ def main(argv=None) -> None:
     per_adapter = {name: rng.integers(3, model.cfg.vocab_size, size=(args.prompts_per_adapter, args.prompt_len)).tolist()
                    for name in names}
     if not args.no_steps:
-        bench_decode_steps(model, bank, adapters, names, args.repeats, args.chunk_tokens)
+        bench_decode_steps(model, bank, adapters, names, args.repeats, args.chunk_tokens,
+                           [int(b) for b in args.step_batches.split(",")], args.step_variants)
     if args.steps_only:
         print(load_report(load_start, load_averages()))
         return
