@@ -1,12 +1,20 @@
 """Serving many adapters over one base: mixed batches vs one adapter at a time, on the real model.
 
     python benchmarks/bench_serve.py [--model=smollm2-135m-instruct] [--adapters=8 --prompts_per_adapter=8]
-        [--prompt_len=32 --new_tokens=64] [--repeats=2] [--no_hf] [--kernels_only] [--threads=2]
+        [--prompt_len=32 --new_tokens=64] [--repeats=2] [--chunk_tokens=8] [--no_hf] [--threads=2]
+        [--kernels_only | --steps_only] [--no_kernels] [--no_steps]
 
 8 LoRA adapters (random, ranks 4/8/16 in turn, all linear targets) over SmolLM2-135M-Instruct, 8
 prompts each (random token ids of prompt_len, EOS off so every row emits exactly new_tokens tokens).
-The same 64 requests are served as
+
+1. The per-row delta kernels of `jaxtune.models.multi_lora` (gathered = BGMV, all slots = one matmul
+   over every slot with the row's own kept, grouped = `ragged_dot` SGMV) and the base matmul x W, at
+   the gate/up projection shape, for 9/17/33 slots, 8 or 64 rows, 1 token (decode) or 31 (prefill).
+2. One whole decode step (`generate.decode_steps`, chunk_tokens steps per call) at batch 8 and 64:
+   the base alone, one adapter through the ordinary LoRA path, the bank with each kernel.
+3. The same 64 requests served end to end as
   * mixed:            one batch of all 64 rows, each row with its own adapter (jaxtune.multi_adapter);
+  * the same, decoded chunk_tokens steps per call (`generate.generate_chunks`, the server's path);
   * mixed, batch 8:   8 batches of 8 rows whose adapters are mixed (the per-row delta at batch 8);
   * one at a time:    per adapter, one batch of its 8 prompts through the ordinary LoRA path;
   * merged swap:      per adapter, merge W + scaling a b (lora.merge_adapters), then its batch of 8
@@ -14,15 +22,14 @@ The same 64 requests are served as
   * HF + PEFT:        one PeftModel holding the 8 adapters, `set_adapter` + `generate` per adapter
                       (min_new_tokens = max_new_tokens), unless --no_hf.
 Generated tokens/s for each, the best of `repeats` after a warm-up (compiles excluded), the jaxtune
-variants interleaved round by round in this one process. First, the per-row delta kernels
-(`multi_lora.gathered_delta`, BGMV, vs `grouped_delta`, ragged_dot SGMV) at the model's projection
-shapes, interleaved, best of repeats. The load average is printed with the figures.
+variants interleaved round by round in this one process. The load average is printed with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 
@@ -40,7 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no_hf", action="store_true", help="skip the HF + PEFT loop")
-    parser.add_argument("--kernels_only", action="store_true")
+    parser.add_argument("--chunk_tokens", type=int, default=8, help="decode steps per call (the server's chunks)")
+    parser.add_argument("--step_batches", default="8,64", help="batch sizes of the decode-step table")
+    parser.add_argument("--step_variants", default="", help="only the decode-step variants whose names hold one of "
+                                                            "these comma-separated parts (e.g. base,all slots)")
+    parser.add_argument("--kernels_only", action="store_true", help="only the per-row delta kernels")
+    parser.add_argument("--steps_only", action="store_true", help="stop after the decode-step table")
+    parser.add_argument("--no_kernels", action="store_true", help="skip the per-row delta kernels")
+    parser.add_argument("--no_steps", action="store_true", help="skip the decode-step table")
     return parser.parse_args(argv)
 
 
@@ -53,32 +67,121 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
+def interleaved_best(fns: dict, repeats: int) -> dict:
+    """{name: best seconds of fn()} over `repeats` rounds, the fns run in turn each round (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    times = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name] = min(times[name], best_of(fn, 1))
+    return times
+
+
+def forced_kernel(kernel):
+    """Make `multi_lora.bank_dense` use `kernel` for every shape (a benchmark's A/B switch; programs
+    traced while it is set keep it)."""
+    from jaxtune.models import multi_lora
+
+    multi_lora.delta_kernel = lambda tokens_per_row, slots: kernel
+
+
 def bench_kernels(repeats: int) -> None:
-    """BGMV vs SGMV per-row deltas at SmolLM2 projection shapes (576 -> 1536), 9 slots of rank 16."""
+    """The per-row delta kernels at SmolLM2's gate/up projection shape (576 -> 1536), rank 16, for
+    several slot counts, batch rows and tokens per row (1: a decode step, 31: a prefill of 32)."""
     import jax
     import jax.numpy as jnp
 
     from jaxtune.models import multi_lora
 
-    slots, rank, d_in, d_out = 9, 16, 576, 1536
-    key_a, key_b, key_x, key_r = jax.random.split(jax.random.key(0), 4)
-    a = jax.random.normal(key_a, (slots, d_in, rank))
-    b = jax.random.normal(key_b, (slots, rank, d_out))
-    print(f"per-row LoRA delta, {slots} slots (8 adapters + base) of rank {rank}, {d_in} -> {d_out}, float32:")
-    print(f"{'rows x tokens':>14} {'gathered (BGMV)':>16} {'grouped (SGMV)':>15}  ratio")
-    for rows, tokens in ((8, 1), (64, 1), (8, 64)):
-        x = jax.random.normal(key_x, (rows, tokens, d_in))
-        slot_of_row = jax.random.randint(key_r, (rows,), 0, slots)
-        fns = {name: jax.jit(lambda x, a, b, r, f=f: f(x, a, b, r, dtype=jnp.float32))
-               for name, f in (("gathered", multi_lora.gathered_delta), ("grouped", multi_lora.grouped_delta))}
-        for fn in fns.values():
-            fn(x, a, b, slot_of_row).block_until_ready()
-        times = {name: float("inf") for name in fns}
-        for _ in range(max(repeats, 5)):  # interleaved
-            for name, fn in fns.items():
-                times[name] = min(times[name], best_of(lambda: fn(x, a, b, slot_of_row).block_until_ready(), 3))
-        print(f"{rows:>7} x {tokens:<4} {times['gathered'] * 1e3:>13.3f} ms {times['grouped'] * 1e3:>12.3f} ms"
-              f"  {times['grouped'] / times['gathered']:.1f}x")
+    rank, d_in, d_out = 16, 576, 1536
+    kernels = {"gathered": multi_lora.gathered_delta, "all slots": multi_lora.all_slots_delta,
+               "grouped": multi_lora.grouped_delta}
+    print(f"per-row LoRA delta, rank {rank}, {d_in} -> {d_out}, float32, ms (best of {max(repeats, 5)}, interleaved); "
+          f"the base matmul x W alone for scale:")
+    print(f"{'slots':>5} {'rows x tokens':>14} " + " ".join(f"{name:>10}" for name in [*kernels, "x W"]))
+    key_a, key_b, key_x, key_r, key_w = jax.random.split(jax.random.key(0), 5)
+    w = jax.random.normal(key_w, (d_in, d_out))
+    for slots in (9, 17, 33):
+        a = jax.random.normal(key_a, (d_in, slots, rank))
+        b = jax.random.normal(key_b, (slots, rank, d_out))
+        for rows, tokens in ((8, 1), (64, 1), (8, 31), (64, 31)):
+            x = jax.random.normal(key_x, (rows, tokens, d_in))
+            slot_of_row = jax.random.randint(key_r, (rows,), 0, slots)
+            fns = {name: jax.jit(lambda x, a, b, r, f=f: f(x, a, b, r, dtype=jnp.float32)) for name, f in kernels.items()}
+            calls = {name: (lambda fn=fn: fn(x, a, b, slot_of_row).block_until_ready()) for name, fn in fns.items()}
+            base = jax.jit(lambda x, w: jnp.dot(x.reshape(-1, d_in), w))
+            calls["x W"] = lambda: base(x, w).block_until_ready()
+            times = interleaved_best(calls, 3 * max(repeats, 5))
+            print(f"{slots:>5} {rows:>7} x {tokens:<4} " + " ".join(f"{times[name] * 1e3:>10.3f}" for name in calls),
+                  flush=True)
+
+
+def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 8, batches=(8, 64),
+                       only: str = "") -> None:
+    """One decode step (`generate.decode_steps`, `chunk` steps per call, caches carried and donated), at
+    batch 8 and 64: the base alone, one adapter through the ordinary LoRA path, and the bank with each
+    per-row kernel (rows cycling through the adapters)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxtune import generate as gen
+    from jaxtune import params as params_lib
+    from jaxtune.models import multi_lora
+    from jaxtune.models.llama import init_cache, unstack_cache
+
+    prompt = 32
+    cache_len = prompt + chunk  # each call starts again at slot `prompt`: a small cache, the same work
+    eos = jnp.asarray([-1], jnp.int32)
+    tree, lora_cfg = adapters[-1]
+    lora_params = params_lib.merge_trees(model.params, tree)
+    default_kernel = multi_lora.delta_kernel
+    print(f"\nwhole decode step (ms per step, {chunk} steps per call, best of {repeats}, interleaved), "
+          f"cache of {cache_len} slots, the first {prompt} filled:")
+    for batch in batches:
+        rows = [names[i % len(names)] for i in range(batch)]
+        variants = {"base, no adapter": (model.params, model.cfg, None),
+                    f"one adapter (LoRA r{lora_cfg.rank})": (lora_params, model.cfg.replace(lora=lora_cfg), None),
+                    "bank, gathered": (bank.params(model.params, bank.rows(rows)), model.cfg, multi_lora.gathered_delta),
+                    "bank, all slots": (bank.params(model.params, bank.rows(rows)), model.cfg, multi_lora.all_slots_delta)}
+        runners = {}
+        for name, (params, cfg, kernel) in variants.items():
+            if only and not any(part in name for part in only.split(",")):
+                continue
+            layer_params = gen.per_layer_params(params, cfg)
+            cache = unstack_cache(init_cache(cfg, batch, cache_len))
+            for layer in cache:
+                layer["segments"] = layer["segments"].at[:, :prompt].set(1)
+            state = {"step": jnp.int32(1), "slot": jnp.int32(prompt), "token": jnp.full((batch,), 7, jnp.int32),
+                     "position": jnp.full((batch,), prompt, jnp.int32), "cache": cache,
+                     "done": jnp.zeros((batch,), bool), "seed": jnp.uint32(0)}
+
+            def steps(layer_params, state, eos_ids_E, max_new_tokens, *, cfg, sampling, chunk):
+                return gen.decode_steps(layer_params, state, eos_ids_E, max_new_tokens, cfg=cfg, sampling=sampling,
+                                        chunk=chunk)
+
+            # A new function per variant: its own trace, under its own kernel.
+            step = jax.jit(steps, static_argnames=("cfg", "sampling", "chunk"), donate_argnames=("state",))
+            if kernel is not None:
+                forced_kernel(kernel)
+            box = {"state": state}
+
+            def run(step=step, layer_params=layer_params, cfg=cfg, box=box):
+                state = {**box["state"], "step": jnp.int32(1), "slot": jnp.int32(prompt)}
+                box["state"], tokens = step(layer_params, state, eos, jnp.int32(1 << 30), cfg=cfg,
+                                            sampling=gen.Sampling(), chunk=chunk)
+                np.asarray(tokens)
+
+            run()  # compile under this variant's kernel
+            multi_lora.delta_kernel = default_kernel
+            runners[name] = run
+        times = interleaved_best(runners, repeats)
+        for name, seconds in times.items():
+            print(f"  batch {batch:>2}  {name:<28} {seconds / chunk * 1e3:8.1f} ms/step  "
+                  f"{batch * chunk / seconds:7.1f} tokens/s", flush=True)
+        print(f"  (peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)", flush=True)
+        del runners
 
 
 def random_adapter_trees(cfg, ranks):
@@ -102,7 +205,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     load_start = load_averages()
-    bench_kernels(args.repeats)
+    if not args.no_kernels:
+        bench_kernels(args.repeats)
     if args.kernels_only:
         print(load_report(load_start, load_averages()))
         return
@@ -124,6 +228,12 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     per_adapter = {name: rng.integers(3, model.cfg.vocab_size, size=(args.prompts_per_adapter, args.prompt_len)).tolist()
                    for name in names}
+    if not args.no_steps:
+        bench_decode_steps(model, bank, adapters, names, args.repeats, args.chunk_tokens,
+                           [int(b) for b in args.step_batches.split(",")], args.step_variants)
+    if args.steps_only:
+        print(load_report(load_start, load_averages()))
+        return
     # Rows interleaved across adapters, as requests would arrive.
     mixed_rows = [(name, per_adapter[name][j]) for j in range(args.prompts_per_adapter) for name in names]
     total_tokens = len(mixed_rows) * args.new_tokens
@@ -137,6 +247,12 @@ def main(argv=None) -> None:
                 assert all(len(row) == args.new_tokens for row in out)
         return run
 
+    def mixed_in_chunks():  # the server's path: one batch of all rows, decoded `chunk_tokens` steps per call
+        params = bank.params(model.params, bank.rows([n for n, _ in mixed_rows]))
+        chunks = list(gen.generate_chunks(model, [p for _, p in mixed_rows], args.new_tokens, args.chunk_tokens,
+                                          eos_ids=[], params=params))
+        assert sum(c.shape[1] for c in chunks) == args.new_tokens
+
     adapter_params = [params_lib.merge_trees(model.params, tree) for tree, _ in adapters]
 
     def one_at_a_time():
@@ -149,6 +265,7 @@ def main(argv=None) -> None:
             gen.generate(model, per_adapter[name], args.new_tokens, eos_ids=[], params=merged)
 
     variants = {f"mixed, one batch of {len(mixed_rows)}": mixed(len(mixed_rows)),
+                f"  same, in chunks of {args.chunk_tokens} steps": mixed_in_chunks,
                 f"mixed, batches of {args.prompts_per_adapter}": mixed(args.prompts_per_adapter),
                 "one adapter at a time": one_at_a_time,
                 "merged weights, swapped per adapter": merged_swap}

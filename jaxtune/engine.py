@@ -14,8 +14,14 @@ different settings run as separate batches of the same cycle. The batch size is 
 of two (repeating the first row; the copies' output is dropped) so a handful of programs serves
 every number of requests.
 
-Each row stops at its own max_tokens, at EOS, or before the first of its `stop` strings. Adapters are
-loaded (files read outside the lock) and unloaded between batches; `stats()` reports the batch sizes.
+A batch decodes in compiled chunks of `chunk_tokens` steps (`generate.generate_chunks`: two programs
+per batch shape, the KV cache carried from chunk to chunk in place). After each chunk the engine reads
+the new tokens of every row: a row stops at its own max_tokens, at EOS, or before the first of its
+`stop` strings, and its future is resolved then, not when the batch's longest row ends; a request with
+`on_text` (a stream) gets its new text after every chunk (held back while it could still be the start
+of a stop string, or is half of a multi-byte character). The batch ends when every row has stopped.
+Adapters are loaded (files read outside the lock) and unloaded between batches; `stats()` reports
+the batch sizes.
 """
 
 from __future__ import annotations
@@ -29,15 +35,16 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from jaxtune.errors import JaxtuneError
-from jaxtune.generate import Sampling, generate
+from jaxtune.generate import Sampling, default_eos_ids, generate_chunks
 from jaxtune.multi_adapter import AdapterBank, AdapterError, read_adapter
 
 log = logging.getLogger("jaxtune.engine")
 
 RECENT_BATCHES = 64
+CHUNK_TOKENS = 8  # decode steps per compiled call: a stream's text arrives this many tokens at a time
 
 
 class QueueFull(JaxtuneError):
@@ -59,7 +66,9 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    on_text: Callable[[str], None] | None = None  # streaming: called (engine thread) with each new piece of text
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    abandoned: bool = False  # set by the caller when nobody waits any more: the row stops at the next chunk
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share a batch: the same token selection (and seed when sampling)."""
@@ -82,19 +91,94 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (not to stream yet)."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
 def padded_batch_size(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+class Progress:
+    """One request's row while its batch decodes: its tokens, its text so far, what was streamed.
+
+    The text is decoded incrementally, as vLLM does: each time, only the tokens from `prefix_offset` on
+    are decoded, and the text past that of the already-read tokens (`read_offset`) is appended, unless
+    it ends in half a multi-byte character (then it waits for the next tokens)."""
+
+    def __init__(self, request: Request, tokenizer, eos_ids: Sequence[int]):
+        self.request, self.tokenizer, self.eos_ids = request, tokenizer, frozenset(eos_ids)
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None  # "stop" (EOS, a stop string) or "length"
+        self.text = self.sent = ""
+        self.prefix_offset = self.read_offset = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.request.abandoned
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """The row's next tokens (from one decoded chunk): stop at EOS / max_tokens / a stop string,
+        stream the new text."""
+        for token in tokens:
+            if self.finished:
+                break
+            if token in self.eos_ids:
+                self.finish_reason = "stop"
+            else:
+                self.token_ids.append(int(token))
+                if len(self.token_ids) >= self.request.max_tokens:
+                    self.finish_reason = "length"
+        if not (self.request.stop or self.request.on_text):
+            return
+        self._read_text()
+        if cut_at_stop(self.text, self.request.stop)[1]:
+            self.finish_reason = "stop"
+        elif self.request.on_text is not None and self.finish_reason is None:
+            self._stream(self.text[:len(self.text) - held_back(self.text, self.request.stop)])
+
+    def result(self) -> Result:
+        """The final Result (text cut before a stop string, tokens up to it); a stream gets its last piece."""
+        token_ids = self.token_ids
+        text, stopped = cut_at_stop(self.tokenizer.decode(token_ids, skip_special_tokens=True), self.request.stop)
+        if stopped:  # the tokens up to the stop string (the shortest prefix whose text holds `text`)
+            token_ids = token_ids[:next(k for k in range(len(token_ids) + 1) if self.tokenizer.decode(
+                token_ids[:k], skip_special_tokens=True).startswith(text))]
+        if self.request.on_text is not None:
+            self._stream(text)
+        finish = "stop" if stopped else self.finish_reason or "stop"  # None: abandoned
+        return Result(token_ids, text, finish, len(self.request.prompt_ids))
+
+    def _read_text(self) -> None:
+        ids = self.token_ids
+        before = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        now = self.tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+
+    def _stream(self, text: str) -> None:
+        """Send the part of `text` past what was sent. (A tokenizer whose decoded text changes behind the
+        streamed part cannot be streamed exactly: not the case of byte-level BPE; the Result stays right.)"""
+        if not text.startswith(self.sent):
+            log.warning("stream of %d tokens: the text changed before the streamed part", len(self.token_ids))
+        elif len(text) > len(self.sent):
+            self.request.on_text(text[len(self.sent):])
+            self.sent = text
 
 
 class Engine:
     """The batching engine; `start()` runs its thread, `stop()` ends it (pending requests fail)."""
 
     def __init__(self, model, bank: AdapterBank, *, max_batch: int = 32, window_s: float = 0.01,
-                 max_queue: int = 256):
-        if max_batch < 1 or max_queue < 1 or window_s < 0:
-            raise ValueError(f"max_batch {max_batch} and max_queue {max_queue} must be >= 1, window_s >= 0")
+                 max_queue: int = 256, chunk_tokens: int = CHUNK_TOKENS):
+        if max_batch < 1 or max_queue < 1 or chunk_tokens < 1 or window_s < 0:
+            raise ValueError(f"max_batch {max_batch}, max_queue {max_queue} and chunk_tokens {chunk_tokens} must be "
+                             f">= 1, window_s >= 0")
         self.model, self.bank = model, bank
-        self.max_batch, self.window_s = max_batch, window_s
+        self.max_batch, self.window_s, self.chunk_tokens = max_batch, window_s, chunk_tokens
+        self.eos_ids = default_eos_ids(model)
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()  # held while a batch runs or the bank changes
         self.thread: threading.Thread | None = None
@@ -156,6 +240,7 @@ class Engine:
             return {"requests_done": self.requests_done, "tokens_generated": self.tokens_generated,
                     "queue_depth": self.queue.qsize(), "max_queue": self.queue.maxsize,
                     "max_batch": self.max_batch, "batch_window_ms": self.window_s * 1e3,
+                    "chunk_tokens": self.chunk_tokens,
                     "batches": sum(self.batch_sizes.values()),
                     "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                     "recent_batches": list(self.recent), "adapters": list(self.bank.names)}
@@ -206,35 +291,31 @@ class Engine:
             if not runnable:
                 return
             padded = runnable + [runnable[0]] * (padded_batch_size(len(runnable)) - len(runnable))
-            rows = self.bank.rows([r.adapter for r in padded])
-            params = self.bank.params(self.model.params, rows)
+            params = self.bank.params(self.model.params, self.bank.rows([r.adapter for r in padded]))
             first = runnable[0]
             seed = first.seed if first.seed is not None else random.getrandbits(31)
             sampling = Sampling(first.temperature, first.top_p)
+            rows = [Progress(request, self.model.tokenizer, self.eos_ids) for request in runnable]
             started = time.perf_counter()
-            new_ids = generate(self.model, [list(r.prompt_ids) for r in padded], max(r.max_tokens for r in runnable),
-                               temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, params=params)
+            chunks = generate_chunks(self.model, [list(r.prompt_ids) for r in padded], max(r.max_tokens for r in runnable),
+                                     self.chunk_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                                     seed=seed, eos_ids=self.eos_ids, params=params)
+            try:
+                for tokens_BxK in chunks:
+                    for row, tokens in zip(rows, tokens_BxK.tolist()):
+                        if not row.request.future.done():
+                            row.add(tokens)
+                            if row.finished:  # answered now, not when the batch's longest row ends
+                                row.request.future.set_result(row.result())
+                    if all(row.request.future.done() for row in rows):
+                        break
+            finally:
+                chunks.close()
             seconds = time.perf_counter() - started
-            results = [self._result(request, ids) for request, ids in zip(runnable, new_ids)]
+            new_tokens = sum(len(row.token_ids) for row in rows)
             self.batch_sizes[len(runnable)] += 1
             self.recent.append({"size": len(runnable), "padded_to": len(padded),
                                 "adapters": sorted({r.adapter or "" for r in runnable}),
-                                "new_tokens": sum(len(res.token_ids) for res in results), "seconds": round(seconds, 4)})
+                                "new_tokens": new_tokens, "seconds": round(seconds, 4)})
             self.requests_done += len(runnable)
-            self.tokens_generated += sum(len(res.token_ids) for res in results)
-        for request, result in zip(runnable, results):
-            request.future.set_result(result)
-
-    def _result(self, request: Request, ids: list[int]) -> Result:
-        token_ids = ids[:request.max_tokens]
-        finish = "length" if len(token_ids) == request.max_tokens else "stop"
-        tokenizer = self.model.tokenizer
-        text = tokenizer.decode(token_ids, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, request.stop)
-        if stopped:  # the tokens up to the stop string (the shortest prefix whose text holds `text`)
-            finish = "stop"
-            kept = next(k for k in range(len(token_ids) + 1)
-                        if tokenizer.decode(token_ids[:k], skip_special_tokens=True).startswith(text))
-            token_ids = token_ids[:kept]
-        return Result(token_ids, text, finish, len(request.prompt_ids))
-
+            self.tokens_generated += new_tokens

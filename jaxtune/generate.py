@@ -54,7 +54,7 @@ import functools
 import json
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -215,45 +215,113 @@ def select_tokens(logits_BxV, key, sampling: Sampling):
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def is_eos(token_B, eos_ids_E):
+    return jnp.any(token_B[:, None] == eos_ids_E[None, :], axis=-1)
+
+
+def first_token(params, layer_params, tokens_BxP, segments_BxP, eos_ids_E, seed, *, cfg: ModelConfig,
+                cache_len: int, sampling: Sampling):
+    """Prefill (stacked params) + the first decode step (per-layer params, the same weights)
+    -> (decoding state, the first new token of each row [B]).
+
+    The state (a dict of arrays: the rows' last token and its position, the cache slot it goes to, the
+    per-layer caches, which rows are done, the step count and the seed) is what `decode_steps` continues
+    from."""
+    B, P = tokens_BxP.shape
+    # The barrier materialises the per-layer caches once, before the loop (the loop updates them in place).
+    cache = jax.lax.optimization_barrier(unstack_cache(prefill(params, cfg, tokens_BxP, segments_BxP, cache_len)))
+    position_B = prompt_positions(segments_BxP)[:, -1]
+    logits_BxV, cache = decode_step(layer_params, cfg, tokens_BxP[:, -1], position_B, cache, P - 1)
+    token_B = select_tokens(logits_BxV, jax.random.fold_in(jax.random.key(seed), 0), sampling)
+    state = {"step": jnp.int32(1), "slot": jnp.int32(P), "token": token_B, "position": position_B + 1,
+             "cache": cache, "done": is_eos(token_B, eos_ids_E), "seed": seed}
+    return state, token_B
+
+
+def decode_steps(layer_params, state, eos_ids_E, max_new_tokens, *, cfg: ModelConfig, sampling: Sampling,
+                 chunk: int):
+    """Up to `chunk` more decode steps from `state`, stopping early at step max_new_tokens or when every
+    row is done -> (state, the new tokens [B, chunk]: columns past the last step run hold EOS ids[0]).
+
+    Rows that have emitted an EOS keep emitting EOS ids[0]. Step s (the s-th new token, from 0) draws
+    with `jax.random.key(seed)` folded with s, so the tokens do not depend on how the steps are chunked."""
+    B = state["token"].shape[0]
+    filler = eos_ids_E[0]
+    key = jax.random.key(state["seed"])
+    first = state["step"]
+    end = jnp.minimum(first + chunk, max_new_tokens)
+
+    def keep_going(carry):
+        state, _ = carry
+        return (state["step"] < end) & ~jnp.all(state["done"])
+
+    def step_fn(carry):
+        state, out_BxC = carry
+        step = state["step"]
+        logits_BxV, cache = decode_step(layer_params, cfg, state["token"], state["position"], state["cache"],
+                                        state["slot"])
+        token_B = jnp.where(state["done"], filler, select_tokens(logits_BxV, jax.random.fold_in(key, step), sampling))
+        out_BxC = jax.lax.dynamic_update_slice(out_BxC, token_B[:, None], (0, step - first))
+        state = {**state, "step": step + 1, "slot": state["slot"] + 1, "token": token_B,
+                 "position": state["position"] + 1, "cache": cache, "done": state["done"] | is_eos(token_B, eos_ids_E)}
+        return state, out_BxC
+
+    out_BxC = jnp.full((B, chunk), filler, jnp.int32)
+    return jax.lax.while_loop(keep_going, step_fn, (state, out_BxC))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "new_bucket", "sampling"))
 def generate_padded(params, layer_params, tokens_BxP, segments_BxP, eos_ids_E, max_new_tokens, seed, *,
                     cfg: ModelConfig, new_bucket: int, sampling: Sampling):
-    """Prefill (stacked params) + compiled decode loop (per-layer params, the same weights)
-    -> (new tokens [B, new_bucket] int32, steps run).
+    """The whole decode as one compiled program: `first_token`, then `decode_steps` to the end
+    -> (new tokens [B, new_bucket] int32, steps run); slots past the last step hold EOS ids[0]."""
+    state, token_B = first_token(params, layer_params, tokens_BxP, segments_BxP, eos_ids_E, seed, cfg=cfg,
+                                 cache_len=tokens_BxP.shape[1] + new_bucket, sampling=sampling)
+    state, rest_BxN = decode_steps(layer_params, state, eos_ids_E, max_new_tokens, cfg=cfg, sampling=sampling,
+                                   chunk=new_bucket - 1)
+    return jnp.concatenate([token_B[:, None], rest_BxN], axis=1), state["step"]
 
-    Rows that have emitted an EOS keep emitting EOS ids[0]; slots past the last step hold EOS ids[0]."""
-    B, P = tokens_BxP.shape
-    key = jax.random.key(seed)
-    filler = eos_ids_E[0]
 
-    def is_eos(token_B):
-        return jnp.any(token_B[:, None] == eos_ids_E[None, :], axis=-1)
-
-    # The barrier materialises the per-layer caches once, before the loop (the loop updates them in place).
-    cache = jax.lax.optimization_barrier(unstack_cache(prefill(params, cfg, tokens_BxP, segments_BxP, P + new_bucket)))
-    position_B = prompt_positions(segments_BxP)[:, -1]
-    logits_BxV, cache = decode_step(layer_params, cfg, tokens_BxP[:, -1], position_B, cache, P - 1)
-    token_B = select_tokens(logits_BxV, jax.random.fold_in(key, 0), sampling)
-    out_BxN = jnp.full((B, new_bucket), filler, jnp.int32).at[:, 0].set(token_B)
-
-    def keep_going(state):
-        step, _, _, _, _, done_B = state
-        return (step < max_new_tokens) & ~jnp.all(done_B)
-
-    def step_fn(state):
-        step, token_B, position_B, cache, out_BxN, done_B = state
-        logits_BxV, cache = decode_step(layer_params, cfg, token_B, position_B, cache, P + step - 1)
-        token_B = jnp.where(done_B, filler, select_tokens(logits_BxV, jax.random.fold_in(key, step), sampling))
-        out_BxN = jax.lax.dynamic_update_slice(out_BxN, token_B[:, None], (0, step))
-        return step + 1, token_B, position_B + 1, cache, out_BxN, done_B | is_eos(token_B)
-
-    state = (jnp.int32(1), token_B, position_B + 1, cache, out_BxN, is_eos(token_B))
-    steps, _, _, _, out_BxN, _ = jax.lax.while_loop(keep_going, step_fn, state)
-    return out_BxN, steps
+# The same two halves compiled apart, for decoding chunk by chunk (`generate_chunks`): the state's
+# caches are donated to each chunk, which updates them in place.
+start_decoding = jax.jit(first_token, static_argnames=("cfg", "cache_len", "sampling"))
+continue_decoding = jax.jit(decode_steps, static_argnames=("cfg", "sampling", "chunk"), donate_argnames=("state",))
 
 
 # --------------------------------------------------------------------------------------------
 # Public API
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeInputs:
+    """The device inputs of one batch, shared by `generate` and `generate_chunks`."""
+
+    cfg: ModelConfig
+    params: dict
+    layer_params: dict
+    tokens_BxP: jax.Array
+    segments_BxP: jax.Array
+    eos: tuple[int, ...]
+    eos_ids_E: jax.Array
+    seed: jax.Array
+    sampling: Sampling
+
+
+def decode_inputs(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
+                  top_k: int, seed: int, eos_ids: Sequence[int] | None, params: dict | None,
+                  lora: LoRAConfig | None) -> DecodeInputs:
+    """Check a batch's arguments (see `generate`) and lay it out for the device."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(float(temperature), float(top_p), int(top_k))
+    eos = tuple(default_eos_ids(model) if eos_ids is None else eos_ids)
+    cfg = model.cfg if lora is None else model.cfg.replace(lora=lora)
+    tokens_BxP, segments_BxP = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
+    params = model.params if params is None else params
+    return DecodeInputs(cfg, params, per_layer_params(params, cfg), jnp.asarray(tokens_BxP), jnp.asarray(segments_BxP),
+                        eos, jnp.asarray(eos or (-1,), jnp.int32), jnp.uint32(seed & 0xFFFFFFFF), sampling)
 
 
 def generate(
@@ -274,20 +342,51 @@ def generate(
     stop early. params/lora: override the model's params (e.g. base + adapters) and LoRA settings."""
     if not prompts:
         return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sampling = Sampling(float(temperature), float(top_p), int(top_k))
-    eos = tuple(default_eos_ids(model) if eos_ids is None else eos_ids)
-    cfg = model.cfg if lora is None else model.cfg.replace(lora=lora)
-    tokens_BxP, segments_BxP = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
-    params = model.params if params is None else params
+    inputs = decode_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, eos_ids, params, lora)
     out_BxN, _ = generate_padded(
-        params, per_layer_params(params, cfg), jnp.asarray(tokens_BxP), jnp.asarray(segments_BxP),
-        jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(max_new_tokens), jnp.uint32(seed & 0xFFFFFFFF),
-        cfg=cfg, new_bucket=bucket_length(max_new_tokens), sampling=sampling)
-    return [cut_at_eos(row, eos, max_new_tokens) for row in np.asarray(out_BxN)]
+        inputs.params, inputs.layer_params, inputs.tokens_BxP, inputs.segments_BxP, inputs.eos_ids_E,
+        jnp.int32(max_new_tokens), inputs.seed, cfg=inputs.cfg, new_bucket=bucket_length(max_new_tokens),
+        sampling=inputs.sampling)
+    return [cut_at_eos(row, inputs.eos, max_new_tokens) for row in np.asarray(out_BxN)]
+
+
+def generate_chunks(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, chunk: int,
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                    eos_ids: Sequence[int] | None = None, params: dict | None = None, lora: LoRAConfig | None = None,
+                    top_k: int = 0) -> Iterator[np.ndarray]:
+    """`generate`, handing out the new tokens as they are decoded: yields [B, k] int32 arrays (the first
+    new token of every row, then up to `chunk` tokens at a time) that join to each row's tokens, EOS
+    included; after its EOS a row holds EOS ids[0]. Stops after max_new_tokens, or once every row has
+    emitted an EOS. The same tokens as `generate` for the same arguments, whatever `chunk` is.
+
+    Two compiled programs serve every batch of a shape (`start_decoding`, `continue_decoding`); the
+    next chunk is dispatched before the current one is handed out, so the device keeps decoding while
+    the caller reads. Closing the generator early drops the rest."""
+    if not prompts:
+        return
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    inputs = decode_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, eos_ids, params, lora)
+    limit = jnp.int32(max_new_tokens)
+    state, pending = start_decoding(inputs.params, inputs.layer_params, inputs.tokens_BxP, inputs.segments_BxP,
+                                    inputs.eos_ids_E, inputs.seed, cfg=inputs.cfg,
+                                    cache_len=inputs.tokens_BxP.shape[1] + bucket_length(max_new_tokens),
+                                    sampling=inputs.sampling)
+    pending = pending[:, None]
+    handed_out = 0
+    done_B = np.zeros(len(prompts), bool)
+    while True:
+        count = min(pending.shape[1], max_new_tokens - handed_out)
+        if handed_out + count < max_new_tokens:  # more to decode: start it before reading this chunk
+            state, upcoming = continue_decoding(inputs.layer_params, state, inputs.eos_ids_E, limit, cfg=inputs.cfg,
+                                                sampling=inputs.sampling, chunk=chunk)
+        tokens_BxK = np.asarray(pending)[:, :count]
+        yield tokens_BxK
+        handed_out += count
+        done_B |= np.isin(tokens_BxK, inputs.eos).any(axis=1)
+        if handed_out >= max_new_tokens or done_B.all():
+            return
+        pending = upcoming
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[dict]], chat: bool = True) -> list[list[int]]:

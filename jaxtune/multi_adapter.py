@@ -10,7 +10,7 @@ own rank, alpha, rsLoRA and targets. The bank has `capacity` slots; slot 0 is th
 zeros), every other slot holds one adapter or zeros. For every linear target in the bank (the union of
 its adapters' targets, or a fixed set for a server that loads adapters later) it stacks
 
-    a [L, N, in, R]  and  b [L, N, R, out] * scaling        (N = capacity, R = max_rank)
+    a [L, in, N, R]  and  b [L, N, R, out] * scaling        (N = capacity, R = max_rank)
 
 ranks padded to R with zeros (exact), each adapter's scaling folded into its b, zeros for an adapter
 that does not adapt that target. `params(base_params, rows_B)` puts these leaves, and the slot of each
@@ -114,8 +114,8 @@ class AdapterBank:
         for target in self.targets:
             module = peft_io.adapter_module_path(target)
             a, b = (params_lib.get_leaf(shapes, module + (leaf,)).shape for leaf in ("lora_a", "lora_b"))
-            self.stacks[module] = {BANK_A: jnp.zeros((a[0], capacity, *a[1:]), ADAPTER_DTYPE),
-                                   BANK_B: jnp.zeros((b[0], capacity, *b[1:]), ADAPTER_DTYPE)}
+            self.stacks[module] = {BANK_A: jnp.zeros((a[0], a[1], capacity, a[2]), ADAPTER_DTYPE),  # [L, in, N, R]
+                                   BANK_B: jnp.zeros((b[0], capacity, *b[1:]), ADAPTER_DTYPE)}  # [L, N, R, out]
 
     @classmethod
     def from_dirs(cls, cfg: ModelConfig, dirs: Mapping[str, str | pathlib.Path], capacity: int | None = None,
@@ -161,7 +161,7 @@ class AdapterBank:
                 continue  # the slot is zero there already (fresh, or zeroed by `remove`)
             a_LxIxr = np.asarray(params_lib.get_leaf(adapters, module + ("lora_a",)), np.float32)
             b_Lxrxo = np.asarray(params_lib.get_leaf(adapters, module + ("lora_b",)), np.float32) * lora_cfg.scaling
-            stack[BANK_A] = stack[BANK_A].at[:, slot].set(np.pad(a_LxIxr, ((0, 0), (0, 0), (0, pad))))
+            stack[BANK_A] = stack[BANK_A].at[:, :, slot].set(np.pad(a_LxIxr, ((0, 0), (0, 0), (0, pad))))
             stack[BANK_B] = stack[BANK_B].at[:, slot].set(np.pad(b_Lxrxo, ((0, 0), (0, pad), (0, 0))))
         self.slots[name], self.configs[name], self.paths[name] = slot, lora_cfg, path
         log.info("adapter %r -> slot %d (r=%d, targets %s)", name, slot, lora_cfg.rank, ",".join(lora_cfg.targets))
@@ -174,8 +174,8 @@ class AdapterBank:
         slot = self.slots.pop(name)
         del self.configs[name], self.paths[name]
         for stack in self.stacks.values():
-            for leaf in (BANK_A, BANK_B):
-                stack[leaf] = stack[leaf].at[:, slot].set(0.0)
+            stack[BANK_A] = stack[BANK_A].at[:, :, slot].set(0.0)
+            stack[BANK_B] = stack[BANK_B].at[:, slot].set(0.0)
 
     def rows(self, names: Sequence[str | None]) -> np.ndarray:
         """The slot of each batch row ([B] int32): None (or '') = the base model."""

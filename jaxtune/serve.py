@@ -2,7 +2,7 @@
 
     python -m jaxtune.serve --model=smollm2-135m-instruct --adapters=sql=runs/sql,chat=peft/chat \
         [--host=127.0.0.1 --port=8000] [--max_loras=8 --max_lora_rank=16] [--max_batch=32] \
-        [--batch_window_ms=10] [--max_queue=256] [--max_model_len=N] [--default_max_tokens=256]
+        [--batch_window_ms=10] [--chunk_tokens=8] [--max_queue=256] [--max_model_len=N] [--default_max_tokens=256]
 
 Like vLLM's `--lora-modules`: `model` in a request is an adapter's name or the base model's name
 (--served_model_name, default --model). Endpoints:
@@ -23,9 +23,11 @@ a missing or wrong field, a prompt plus max_tokens over the context; 404 for an 
 adapter; 429 when the queue is full; 503 while shutting down; 500 (logged) for a bug, and the server
 keeps running. It binds to 127.0.0.1 unless --host says otherwise: it has no authentication.
 
-A stream is sent once its request's batch has finished decoding (the decode loop runs on the device
-as one compiled loop): the events carry the text token by token, as OpenAI's clients expect, but
-the first one arrives with the last.
+Streams are incremental: the engine decodes in compiled chunks of --chunk_tokens steps and hands each
+stream its new text after every chunk, so the events arrive while the batch is still decoding (text
+that could be the start of a stop string waits until it is known not to be). An error before the
+first event is an HTTP error status; one after it (the stream has begun with 200) is sent as an
+`{"error": ...}` event. A client that hangs up stops its row at the next chunk.
 
 fastapi and uvicorn are the `serve` extra: `pip install jaxtune[serve]`.
 """
@@ -37,11 +39,11 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import jaxtune
-from jaxtune.engine import Engine, EngineStopped, QueueFull, Request, Result
+from jaxtune.engine import CHUNK_TOKENS, Engine, EngineStopped, QueueFull, Request, Result
 from jaxtune.errors import JaxtuneError, MissingPackageError
 from jaxtune.generate import encode_prompts, enable_compilation_cache
 from jaxtune.loading import base_model_path, load
@@ -172,20 +174,6 @@ def usage(results: Sequence[Result]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def text_deltas(tokenizer, result: Result) -> Iterator[str]:
-    """The result's text cut token by token (a split multi-byte character waits for its last token);
-    the pieces join to exactly result.text."""
-    sent = ""
-    for k in range(1, len(result.token_ids) + 1):
-        text = tokenizer.decode(result.token_ids[:k], skip_special_tokens=True)[:len(result.text)]
-        if text.endswith("\ufffd") or not text.startswith(sent) or len(text) == len(sent):
-            continue
-        yield text[len(sent):]
-        sent = text
-    if sent != result.text:
-        yield result.text[len(sent):]
-
-
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -202,28 +190,80 @@ def chat_body(ids: dict, result: Result) -> dict:
                          "logprobs": None, "finish_reason": result.finish_reason}]}
 
 
-def completion_events(ids: dict, results: Sequence[Result], tokenizer, include_usage: bool) -> Iterator[str]:
+async def choice_events(first: tuple, events: asyncio.Queue, count: int) -> AsyncIterator[tuple[int, str | Result]]:
+    """(choice index, new text) as the engine decodes, and (index, Result) once that choice has ended,
+    until all `count` have ended; from `first` (already taken) and then the queue that
+    `Server.stream` fills. A choice that failed raises its error, as an ApiError."""
+    ended = 0
+    index, item = first
+    while True:
+        if isinstance(item, str):
+            yield index, item
+        else:  # the request's future, done
+            try:
+                result = item.result()
+            except Exception as e:
+                error = api_error(e)
+                if not isinstance(error, ApiError):  # a bug: logged, and sent as OpenAI's 500 body
+                    log.error("stream failed: %s: %s", type(e).__name__, e, exc_info=e)
+                    error = ApiError(500, f"internal error ({type(e).__name__}): the server logged it",
+                                     type="server_error")
+                raise error from None
+            yield index, result
+            ended += 1
+            if ended == count:
+                return
+        index, item = await events.get()
+
+
+async def completion_events(ids: dict, choices: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
     head = {**ids, "object": "text_completion"}
-    for i, result in enumerate(results):
-        for piece in text_deltas(tokenizer, result):
-            yield sse({**head, "choices": [{"index": i, "text": piece, "logprobs": None, "finish_reason": None}]})
-        yield sse({**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                        "finish_reason": result.finish_reason}]})
+    results = []
+    try:
+        async for index, item in choices:
+            if isinstance(item, str):
+                yield sse({**head, "choices": [{"index": index, "text": item, "logprobs": None, "finish_reason": None}]})
+            else:
+                results.append(item)
+                yield sse({**head, "choices": [{"index": index, "text": "", "logprobs": None,
+                                                "finish_reason": item.finish_reason}]})
+    except ApiError as e:  # the stream has started (status 200): the error travels as an event
+        yield sse(e.body())
+        return
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(results)})
     yield sse("[DONE]")
 
 
-def chat_events(ids: dict, result: Result, tokenizer, include_usage: bool) -> Iterator[str]:
+async def chat_events(ids: dict, choices: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
     head = {**ids, "object": "chat.completion.chunk"}
     choice = {"index": 0, "logprobs": None, "finish_reason": None}
     yield sse({**head, "choices": [{**choice, "delta": {"role": "assistant", "content": ""}}]})
-    for piece in text_deltas(tokenizer, result):
-        yield sse({**head, "choices": [{**choice, "delta": {"content": piece}}]})
-    yield sse({**head, "choices": [{**choice, "delta": {}, "finish_reason": result.finish_reason}]})
+    results = []
+    try:
+        async for _, item in choices:
+            if isinstance(item, str):
+                yield sse({**head, "choices": [{**choice, "delta": {"content": item}}]})
+            else:
+                results.append(item)
+                yield sse({**head, "choices": [{**choice, "delta": {}, "finish_reason": item.finish_reason}]})
+    except ApiError as e:
+        yield sse(e.body())
+        return
     if include_usage:
-        yield sse({**head, "choices": [], "usage": usage([result])})
+        yield sse({**head, "choices": [], "usage": usage(results)})
     yield sse("[DONE]")
+
+
+def api_error(error: Exception) -> Exception:
+    """The engine's refusals as HTTP errors (429 queue full, 503 stopping, 404 adapter unloaded); others as they are."""
+    if isinstance(error, QueueFull):
+        return ApiError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(error, EngineStopped):
+        return ApiError(503, str(error), type="server_error")
+    if isinstance(error, AdapterError):  # unloaded while the request waited
+        return ApiError(404, str(error), param="model", code="model_not_found")
+    return error
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +326,9 @@ class Server:
                                   f"the prompt or lower max_tokens", "max_tokens", "context_length_exceeded")
         return [Request(ids, adapter, **settings) for ids in prompts]
 
-    async def run(self, requests: list[Request]) -> list[Result]:
+    def submit(self, requests: list[Request]) -> list[asyncio.Future]:
+        """Queue the requests (a body's prompts) -> their futures; when the engine refuses one, the
+        others are withdrawn and the refusal raised as an ApiError."""
         futures = []
         for request in requests:
             try:
@@ -294,15 +336,41 @@ class Server:
             except (QueueFull, EngineStopped) as e:
                 for future in futures:  # the request's other prompts, already queued, will not run
                     future.cancel()
-                if isinstance(e, QueueFull):
-                    raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
-                raise ApiError(503, str(e), type="server_error") from None
+                raise api_error(e) from None
+        return futures
+
+    async def run(self, requests: list[Request]) -> list[Result]:
         try:
-            return list(await asyncio.gather(*futures))
-        except EngineStopped as e:
-            raise ApiError(503, str(e), type="server_error") from None
-        except AdapterError as e:  # unloaded while the request waited
-            raise ApiError(404, str(e), param="model", code="model_not_found") from None
+            return list(await asyncio.gather(*self.submit(requests)))
+        except (EngineStopped, AdapterError) as e:
+            raise api_error(e) from None
+
+    async def stream(self, requests: list[Request]) -> AsyncIterator[tuple[int, str | Result]]:
+        """Queue streaming requests -> `choice_events` over them. Waits for the first event (a piece
+        of text or an ended choice), so a refusal before any token is still an HTTP error status."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        for index, request in enumerate(requests):  # the engine thread hands the text to this loop
+            request.on_text = lambda piece, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, piece))
+        for index, future in enumerate(self.submit(requests)):
+            future.add_done_callback(lambda done, index=index: events.put_nowait((index, done)))
+        first = await events.get()
+        if not isinstance(first[1], str) and first[1].exception() is not None:
+            for request in requests:
+                request.abandoned = True
+            raise api_error(first[1].exception())
+        return abandon_when_closed(choice_events(first, events, len(requests)), requests)
+
+
+async def abandon_when_closed(choices: AsyncIterator, requests: list[Request]) -> AsyncIterator:
+    """`choices`, then (also when the client hangs up mid-stream) the requests marked abandoned, so the
+    engine stops decoding rows that nobody reads."""
+    try:
+        async for event in choices:
+            yield event
+    finally:
+        for request in requests:
+            request.abandoned = True
 
 
 def response_ids(model: str, prefix: str) -> dict:
@@ -345,22 +413,21 @@ def create_app(engine: Engine, base_name: str, max_model_len: int, default_max_t
     async def completions(request: fastapi.Request):
         body = await json_body(request)
         requests = server.requests(body, completion_prompts(body, server.tokenizer))
-        results = await server.run(requests)
         ids = response_ids(body["model"], "cmpl")
         if body.get("stream"):
-            return StreamingResponse(completion_events(ids, results, server.tokenizer, stream_options(body)),
+            return StreamingResponse(completion_events(ids, await server.stream(requests), stream_options(body)),
                                      media_type="text/event-stream")
-        return completion_body(ids, results)
+        return completion_body(ids, await server.run(requests))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: fastapi.Request):
         body = await json_body(request)
-        [request_] = server.requests(body, [chat_prompt(body, server.tokenizer)])
-        [result] = await server.run([request_])
+        requests = server.requests(body, [chat_prompt(body, server.tokenizer)])
         ids = response_ids(body["model"], "chatcmpl")
         if body.get("stream"):
-            return StreamingResponse(chat_events(ids, result, server.tokenizer, stream_options(body)),
+            return StreamingResponse(chat_events(ids, await server.stream(requests), stream_options(body)),
                                      media_type="text/event-stream")
+        [result] = await server.run(requests)
         return chat_body(ids, result)
 
     def lora_name(body: dict) -> str:
@@ -418,6 +485,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="largest rank loadable (default: 16, or the largest given)")
     parser.add_argument("--max_batch", type=int, default=32, help="requests per batch at most")
     parser.add_argument("--batch_window_ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    parser.add_argument("--chunk_tokens", type=int, default=CHUNK_TOKENS,
+                        help="decode steps per compiled call: streams receive their text this many tokens at a time")
     parser.add_argument("--max_queue", type=int, default=256, help="waiting requests at most (then 429)")
     parser.add_argument("--max_model_len", type=int, default=None,
                         help="prompt + max_tokens at most (default: the model's max_position_embeddings)")
@@ -426,6 +495,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not (args.model or args.adapters):
         parser.error("give --model, or --adapters=NAME=DIR,... (the base model is then the first adapter's)")
+    for name in ("max_batch", "chunk_tokens", "max_queue", "default_max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -443,7 +515,7 @@ def build(args: argparse.Namespace) -> tuple[Engine, str, int]:
     for name, (adapters, lora_cfg) in loaded.items():
         bank.add(name, adapters, lora_cfg, path=dirs[name])
     engine = Engine(model, bank, max_batch=args.max_batch, window_s=args.batch_window_ms / 1e3,
-                    max_queue=args.max_queue).start()
+                    max_queue=args.max_queue, chunk_tokens=args.chunk_tokens).start()
     return engine, args.served_model_name or model_path, args.max_model_len or model.cfg.max_position_embeddings
 
 

@@ -75,24 +75,40 @@ def ragged_prompts(n, seed=0, vocab=256):
 # The per-row delta
 
 
-def test_gathered_and_grouped_deltas_equal_the_per_row_product():
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_every_delta_kernel_equals_the_per_row_product(tokens):
     key_x, key_a, key_b = jax.random.split(jax.random.key(0), 3)
-    x_BxTxI = jax.random.normal(key_x, (6, 3, 16))
-    a_NxIxR = jax.random.normal(key_a, (4, 16, 5)).at[0].set(0.0)
+    x_BxTxI = jax.random.normal(key_x, (6, tokens, 16))
+    a_IxNxR = jax.random.normal(key_a, (16, 4, 5)).at[:, 0].set(0.0)  # the bank's layout: [in, slots, rank]
     b_NxRxO = jax.random.normal(key_b, (4, 5, 12)).at[0].set(0.0)
     rows_B = jnp.array([2, 0, 3, 2, 1, 0], jnp.int32)
-    want = np.stack([np.asarray(x_BxTxI[b] @ a_NxIxR[r] @ b_NxRxO[r]) for b, r in enumerate(rows_B.tolist())])
-    for delta in (multi_lora.gathered_delta, multi_lora.grouped_delta):
-        got = jax.jit(lambda *args: delta(*args, dtype=jnp.float32))(x_BxTxI, a_NxIxR, b_NxRxO, rows_B)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    want = np.stack([np.asarray(x_BxTxI[b] @ a_IxNxR[:, r] @ b_NxRxO[r]) for b, r in enumerate(rows_B.tolist())])
+    for delta in (multi_lora.gathered_delta, multi_lora.all_slots_delta, multi_lora.grouped_delta):
+        got = jax.jit(lambda *args: delta(*args, dtype=jnp.float32))(x_BxTxI, a_IxNxR, b_NxRxO, rows_B)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=delta.__name__)
     assert not np.asarray(want[1]).any() and not np.asarray(want[5]).any()  # slot 0: the base, no delta
+
+
+def test_decoding_takes_the_all_slots_kernel_and_prefill_the_gathered_one():
+    assert multi_lora.delta_kernel(1, 9) is multi_lora.all_slots_delta
+    assert multi_lora.delta_kernel(31, 9) is multi_lora.gathered_delta
 
 
 # --------------------------------------------------------------------------------------------
 # The bank against PEFT and against one adapter at a time
 
 
-def test_mixed_batch_logits_equal_peft_for_each_rows_adapter(tiny):
+@pytest.fixture(params=["gathered_delta", "all_slots_delta"])
+def kernel(request, monkeypatch):
+    """Every bank layer computes its delta with this kernel, whatever the shapes (programs retraced)."""
+    chosen = getattr(multi_lora, request.param)
+    monkeypatch.setattr(multi_lora, "delta_kernel", lambda tokens_per_row, slots: chosen)
+    jax.clear_caches()
+    yield chosen
+    jax.clear_caches()
+
+
+def test_mixed_batch_logits_equal_peft_for_each_rows_adapter(tiny, kernel):
     folder, torch_model, adapters = tiny
     model = api.load(str(folder), with_tokenizer=False)
     bank = bank_of(model, adapters)
@@ -137,6 +153,25 @@ def test_one_compiled_program_serves_every_mix_of_adapters(tiny):
                for mix in (["all", None, "mlp", "qv"], [None] * 4, ["mlp", "mlp", "all", None])]
     assert gen.generate_padded._cache_size() == compiled
     assert outputs[0] != outputs[1]
+
+
+def test_decoding_in_chunks_gives_the_tokens_of_one_loop(tiny):
+    folder, _, adapters = tiny
+    model = api.load(str(folder), with_tokenizer=False)
+    bank = bank_of(model, adapters)
+    prompts = ragged_prompts(len(ROW_ADAPTERS), seed=7)
+    params = bank.params(model.params, bank.rows(ROW_ADAPTERS))
+    for sampling in ({}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}):
+        whole = gen.generate(model, prompts, 13, eos_ids=[], params=params, **sampling)
+        for chunk in (1, 5):
+            pieces = list(gen.generate_chunks(model, prompts, 13, chunk, eos_ids=[], params=params, **sampling))
+            assert [p.shape for p in pieces] == [(8, 1)] + [(8, chunk)] * (12 // chunk) + [(8, 12 % chunk)] * (chunk == 5)
+            assert np.concatenate(pieces, axis=1).tolist() == whole, (sampling, chunk)
+    eos = whole[0][4]  # a token row 0 emits (sampled, the last `whole`): every row stops at its first one
+    stopped = gen.generate(model, prompts, 13, eos_ids=[eos], params=params, **sampling)
+    pieces = list(gen.generate_chunks(model, prompts, 13, 3, eos_ids=[eos], params=params, **sampling))
+    assert [gen.cut_at_eos(row, [eos], 13) for row in np.concatenate(pieces, axis=1)] == stopped
+    assert len(stopped[0]) == whole[0].index(eos)
 
 
 def test_load_and_unload_keep_shapes_and_free_slots(tiny):

@@ -90,7 +90,7 @@ def served(tiny_chat_model, adapter_dirs):
     """The server as the CLI builds it, with qv and mlp loaded (late is loaded at runtime)."""
     args = serve.parse_args([f"--model={tiny_chat_model}", f"--adapters=qv={adapter_dirs['qv']},mlp={adapter_dirs['mlp']}",
                              "--served_model_name=base", "--batch_window_ms=300", "--max_loras=3", "--max_lora_rank=8",
-                             "--max_model_len=200"])
+                             "--max_model_len=200", "--chunk_tokens=2"])
     engine, base_name, max_model_len = serve.build(args)
     running = Running(serve.create_app(engine, base_name, max_model_len, default_max_tokens=MAX_TOKENS))
     running.engine = engine
@@ -152,6 +152,43 @@ def test_streaming_sends_the_same_text_in_pieces(served):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streams_get_their_text_while_the_batch_is_still_decoding(served, monkeypatch):
+    """The engine is held after its first decoded chunks until the client has read text: a server that
+    sent nothing before the end of the batch would keep it held (and the test would fail at the timeout)."""
+    client_has_text, released_by_client = threading.Event(), []
+    real_chunks = engine_lib.generate_chunks
+
+    def held_after_the_first_chunks(*args, **kwargs):
+        for number, tokens in enumerate(real_chunks(*args, **kwargs)):
+            yield tokens
+            if number == 3:  # the first token, then 3 chunks of chunk_tokens (2): 7 tokens decoded, 17 to go
+                released_by_client.append(client_has_text.wait(timeout=60))
+
+    whole = served.client.completions.create(model="mlp", prompt="Once upon a time", max_tokens=24, temperature=0)
+    assert whole.usage.completion_tokens == 24  # no EOS before the end: the hold point is reached
+    monkeypatch.setattr(engine_lib, "generate_chunks", held_after_the_first_chunks)
+    stream = served.client.completions.create(model="mlp", prompt="Once upon a time", max_tokens=24, temperature=0,
+                                              stream=True)
+    pieces = []
+    for chunk in stream:
+        pieces.append(chunk.choices[0].text)
+        if chunk.choices[0].text:
+            client_has_text.set()
+    assert released_by_client == [True]  # released by the client's first text, not by the timeout
+    assert "".join(pieces) == whole.choices[0].text and len([p for p in pieces if p]) >= 3
+
+
+def test_streamed_text_stops_before_a_stop_string(served):
+    client = served.client
+    full = client.completions.create(model="qv", prompt="Once upon a time", max_tokens=MAX_TOKENS, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    kwargs = dict(model="qv", prompt="Once upon a time", max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    cut = client.completions.create(**kwargs)
+    pieces = [c.choices[0].text for c in client.completions.create(**kwargs, stream=True)]
+    assert "".join(pieces) == cut.choices[0].text == text[:text.find(stop)]
 
 
 def test_concurrent_requests_for_different_adapters_are_batched_together(served):
