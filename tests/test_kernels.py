@@ -3,6 +3,7 @@ jax.grad of the plain math they replace: float32 round-off only."""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +30,8 @@ def arrays(seed=0, dtype=jnp.float32):
             "keep": jax.random.bernoulli(keys[5], KEEP, (B, T, D))}
 
 
-def dropped(x, keep):  # flax nn.Dropout's arithmetic
-    return jax.lax.select(keep, x / KEEP, jnp.zeros_like(x))
+def dropped(x, keep, keep_prob=KEEP):  # flax nn.Dropout's arithmetic
+    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
 
 def plain(x, kernel, bias, a, b, keep, dtype):
@@ -201,9 +202,12 @@ def test_embedding_adapter_gradients_equal_autodiff_of_the_3d_math():
 
 
 def random_params_of(module, *inputs):
+    """`module`'s init params, each leaf moved by 0.3 N(0, 1) (so every adapter b is non-zero)."""
     params = module.init(jax.random.key(0), *inputs)["params"]
-    keys = jax.random.split(jax.random.key(1), len(params))
-    return {name: value + 0.3 * jax.random.normal(k, value.shape) for (name, value), k in zip(params.items(), keys)}
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [leaf + 0.3 * jax.random.normal(k, leaf.shape)
+                                                  for leaf, k in zip(leaves, keys)])
 
 
 def head_case(seed, V, with_adapter, with_dropout, dtype=jnp.float32):
@@ -365,10 +369,12 @@ def test_silu_gate_and_its_gradients_equal_autodiff_of_the_plain_math(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_shared_input_lora_dense_gradients_equal_autodiff_of_the_plain_math(dtype):
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_shared_input_lora_dense_gradients_equal_autodiff_of_the_plain_math(dtype, with_dropout):
     """Fused q/k/v-style projections of one input: with bias and adapter, adapter only, neither
-    (a projection left out of lora.targets); outputs and every cotangent against per-projection math."""
-    keys = jax.random.split(jax.random.key(11), 12)
+    (a projection left out of lora.targets); outputs and every cotangent against per-projection math.
+    With dropout each adapter reads x through its own keep-mask (the base path reads x itself)."""
+    keys = jax.random.split(jax.random.key(11), 14)
     x = jax.random.normal(keys[0], (B, T, D)).astype(dtype)
     widths = (7, 5, 3)
     kernels = [jax.random.normal(keys[1 + i], (D, o)).astype(dtype) * 0.3 for i, o in enumerate(widths)]
@@ -376,13 +382,17 @@ def test_shared_input_lora_dense_gradients_equal_autodiff_of_the_plain_math(dtyp
     a0, a1 = (jax.random.normal(keys[5 + i], (D, R)) * 0.3 for i in range(2))
     b0, b1 = (jax.random.normal(keys[7 + i], (R, o)) * 0.3 for i, o in enumerate(widths[:2]))
     cotangents = [jax.random.normal(keys[9 + i], (B, T, o)).astype(dtype) for i, o in enumerate(widths)]
+    keep0, keep1 = (jax.random.bernoulli(keys[12 + i], KEEP, (B, T, D)) if with_dropout else None for i in range(2))
+    if with_dropout:
+        assert bool(jnp.any(keep0 != keep1))
 
     def fused(x, k0, k1, k2, bias0, a0, b0, a1, b1):
         return shared_input_lora_dense(x, [(k0, bias0, a0, b0), (k1, None, a1, b1), (k2, None, None, None)],
-                                       scaling=SCALING, dtype=dtype)
+                                       scaling=SCALING, dtype=dtype,
+                                       keep_masks=(keep0, keep1, None) if with_dropout else None, keep_prob=KEEP)
 
     def reference(x, k0, k1, k2, bias0, a0, b0, a1, b1):
-        return [plain(x, k0, bias0, a0, b0, None, dtype), plain(x, k1, None, a1, b1, None, dtype),
+        return [plain(x, k0, bias0, a0, b0, keep0, dtype), plain(x, k1, None, a1, b1, keep1, dtype),
                 jnp.dot(x.astype(dtype), k2.astype(dtype))]
 
     inputs = (x, *kernels, bias0, a0, b0, a1, b1)
@@ -397,19 +407,84 @@ def test_shared_input_lora_dense_gradients_equal_autodiff_of_the_plain_math(dtyp
     assert [g.dtype for g in grads[-4:]] == [jnp.float32] * 4  # adapters' cotangents in their own dtype
 
 
-def test_attention_and_mlp_run_fused_projections_only_without_active_dropout():
-    """Same params with or without the fused path; with active dropout each projection keeps its own
-    mask (PEFT draws one per adapted linear), so the per-projection Linears run."""
-    cfg = tiny_config(tied=True, dropout=0.1)
-    params = random_params(cfg)
-    batch = tiny_batch(cfg)
-    model = llama.Llama(cfg, deterministic=False)
-    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, batch["tokens"],
-                           batch["positions"], batch["segment_ids"])
-    assert jax.tree_util.tree_structure(variables["params"]) == jax.tree_util.tree_structure(params)
-    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch["tokens"], batch["positions"],
-                                                  batch["segment_ids"], rngs={"dropout": jax.random.key(2)}))(params)
-    assert "_shared_2d" not in str(jaxpr)
-    jaxpr = jax.make_jaxpr(lambda p: llama.Llama(cfg).apply({"params": p}, batch["tokens"], batch["positions"],
-                                                             batch["segment_ids"]))(params)
-    assert "_shared_2d" in str(jaxpr)
+PROJECTIONS = (("q_proj", 8), ("k_proj", 8), ("v_proj", 4))
+
+
+class PlainLoRALinear(nn.Module):
+    """A Linear's math by autodiff: x W + bias + scaling (dropout(x) a) b, its mask drawn as Linear
+    draws it (llama.lora_keep_mask: from the module's own 'dropout' rng); same param names."""
+
+    features: int
+    lora: llama.LoRAConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        a = self.param("lora_a", nn.initializers.normal(1.0), (x.shape[-1], self.lora.rank))
+        b = self.param("lora_b", nn.initializers.normal(1.0), (self.lora.rank, self.features))
+        xd = x
+        if not self.deterministic and self.lora.dropout > 0:
+            xd = dropped(x, llama.lora_keep_mask(self, x.shape), 1.0 - self.lora.dropout)
+        return x @ kernel + bias + (xd @ a) @ b * self.lora.scaling
+
+
+class Projections(nn.Module):
+    """q/k/v of one input x: `how` = 'plain' (PlainLoRALinear each), 'linear' (llama.Linear each) or
+    'fused' (llama.shared_input_linears)."""
+
+    cfg: llama.ModelConfig
+    deterministic: bool
+    how: str
+
+    @nn.compact
+    def __call__(self, x):
+        if self.how == "plain":
+            return [PlainLoRALinear(o, self.cfg.lora, self.deterministic, name=name)(x) for name, o in PROJECTIONS]
+        linears = [llama.Linear(o, True, self.cfg.lora, jnp.float32, jnp.float32, self.deterministic, name=name,
+                                parent=None) for name, o in PROJECTIONS]
+        if self.how == "linear":
+            return [linear.clone(parent=self)(x) for linear in linears]
+        return llama.shared_input_linears(self, x, linears)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("how", ["fused", "linear"])
+def test_projections_equal_autodiff_of_the_plain_math_with_the_same_dropout_masks(dropout, how):
+    """q/k/v through `shared_input_linears` (one hand-written VJP) or through one Linear each: outputs
+    and gradients equal the plain math's for the same 'dropout' rng, each adapted linear drawing its
+    own mask from its own rng (PEFT: one dropout module per adapted linear); the fused path runs
+    with dropout on or off."""
+    cfg = tiny_config(tied=True, dropout=dropout)
+    x = jax.random.normal(jax.random.key(3), (B, T, cfg.hidden_size))
+    params = random_params_of(Projections(cfg, True, "plain"), x)
+    rngs = {"dropout": jax.random.key(5)}
+    cotangents = [jax.random.normal(jax.random.key(6 + i), (B, T, o)) for i, (_, o) in enumerate(PROJECTIONS)]
+
+    def outputs_and_grads(module):
+        ys, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x, rngs=rngs), params, x)
+        return ys, vjp(cotangents)
+
+    ys, grads = jax.jit(lambda: outputs_and_grads(Projections(cfg, False, how)))()
+    ys_ref, grads_ref = jax.jit(lambda: outputs_and_grads(Projections(cfg, False, "plain")))()
+    for y, y_ref in zip(ys, ys_ref):
+        assert_close(y, y_ref, 1e-5)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(grads_ref)
+    for g, g_ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+        assert_close(g, g_ref, 1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda p: Projections(cfg, False, how).apply({"params": p}, x, rngs=rngs))(params))
+    assert ("_shared_2d" in jaxpr) == (how == "fused" or dropout > 0)  # a lone Linear with dropout: masks saved
+
+
+def test_dropout_masks_are_drawn_per_adapted_linear():
+    """q and k with identical weights and adapters: equal outputs without dropout, different ones
+    with it (their masks are independent draws)."""
+    cfg = tiny_config(tied=True, dropout=0.5)
+    x = jax.random.normal(jax.random.key(3), (B, T, cfg.hidden_size))
+    params = random_params_of(Projections(cfg, True, "fused"), x)
+    params["k_proj"] = params["q_proj"]
+    q, k, _ = Projections(cfg, False, "fused").apply({"params": params}, x, rngs={"dropout": jax.random.key(5)})
+    assert not np.allclose(q, k, atol=1e-3)
+    q, k, _ = Projections(cfg, True, "fused").apply({"params": params}, x)
+    np.testing.assert_allclose(q, k, rtol=1e-6, atol=1e-6)

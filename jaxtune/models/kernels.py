@@ -14,6 +14,11 @@
 Dropout stays outside: the caller passes `x_dropped` (the input the adapter multiplies), so
 autodiff chains its cotangent through the caller's mask; `x_dropped=None` means no dropout.
 
+`shared_input_lora_dense`: several LoRA linears reading one x (q/k/v; gate/up; or one linear alone)
+as one VJP that saves x once. Dropout happens inside: it takes one keep-mask per adapter and saves
+the masks (1 byte an element) rather than each adapter's dropped copy of x (4 bytes), recomputing
+the dropped inputs in the backward.
+
 `head_cross_entropy_sum`: the output head (tied or not, with its LoRA) and the masked cross-entropy,
 over chunks of positions, with the gradients formed in the same pass as the loss (no logits
 recomputed in the backward, no transposed copy of a tied embedding for the hidden gradient).
@@ -269,16 +274,26 @@ silu_gate.defvjp(_silu_gate_fwd, _silu_gate_bwd)
 # Several LoRA linears reading the same input (q/k/v; gate/up)
 
 
-def shared_input_lora_dense(x, projections, *, scaling: float, dtype: Any):
-    """[x W_i (+ bias_i) + scaling * (x a_i) b_i for each projection (kernel_i, bias_i, a_i, b_i)],
-    a_i = b_i = None for a projection without adapter; no dropout (the adapters read x itself).
+def shared_input_lora_dense(x, projections, *, scaling: float, dtype: Any, keep_masks=None, keep_prob: float = 1.0):
+    """[x W_i (+ bias_i) + scaling * (xd_i a_i) b_i for each projection (kernel_i, bias_i, a_i, b_i)],
+    a_i = b_i = None for a projection without adapter.
+
+    Dropout: keep_masks None (no dropout: xd_i = x), or one mask per projection (bool [..., in], None
+    for a projection without adapter): xd_i = where(mask_i, x / keep_prob, 0), flax nn.Dropout's
+    arithmetic, one mask per adapted projection as PEFT draws them; the base path reads x itself.
 
     The same numbers as one `lora_dense` per projection, as one hand-written VJP: x is saved once
     for all of them (per-projection VJPs each save it: in a scanned model, one stacked [L, N, in]
-    buffer per projection, zero-filled and written every step), the adapters' a are one matmul of x
-    with [a_1 | a_2 | ...] and their input gradient one matmul with its transpose."""
+    buffer per projection, zero-filled and written every step), and with dropout only the masks
+    (1 byte an element) are saved, the dropped inputs being recomputed from x in the backward;
+    without dropout the adapters' a are one matmul of x with [a_1 | a_2 | ...] and their input
+    gradient one matmul with its transpose."""
     x_NxI = x.reshape(-1, x.shape[-1])
-    ys = _shared_2d(float(scaling), jnp.dtype(dtype), x_NxI, tuple(tuple(p) for p in projections))
+    masks = None
+    if keep_masks is not None:
+        masks = tuple(None if m is None else m.reshape(-1, x.shape[-1]) for m in keep_masks)
+    ys = _shared_2d(float(scaling), jnp.dtype(dtype), float(keep_prob), x_NxI, tuple(tuple(p) for p in projections),
+                    masks)
     return [y_NxO.reshape(*x.shape[:-1], y_NxO.shape[-1]) for y_NxO in ys]
 
 
@@ -292,18 +307,26 @@ def _adapter_columns(projections):
     return blocks
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _shared_2d(scaling, dtype, x_NxI, projections):
-    return _shared_fwd(scaling, dtype, x_NxI, projections)[0]
+def _dropped(x, mask, keep_prob):
+    """The adapter's input: x (mask None) or where(mask, x / keep_prob, 0)."""
+    return x if mask is None else jax.lax.select(mask, x / keep_prob, jnp.zeros_like(x))
 
 
-def _shared_fwd(scaling, dtype, x_NxI, projections):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _shared_2d(scaling, dtype, keep_prob, x_NxI, projections, masks):
+    return _shared_fwd(scaling, dtype, keep_prob, x_NxI, projections, masks)[0]
+
+
+def _shared_fwd(scaling, dtype, keep_prob, x_NxI, projections, masks):
     x = x_NxI.astype(dtype)
     blocks = _adapter_columns(projections)
     h_NxRs = None
-    if blocks:
+    if blocks and masks is None:  # every adapter reads x: one matmul with [a_1 | a_2 | ...]
         a_IxRs = jnp.concatenate([projections[i][2].astype(dtype) for i, _, _ in blocks], axis=1)
         h_NxRs = jnp.dot(x, a_IxRs)
+    elif blocks:  # each adapter reads its own dropped x
+        h_NxRs = jnp.concatenate([jnp.dot(_dropped(x, masks[i], keep_prob), projections[i][2].astype(dtype))
+                                  for i, _, _ in blocks], axis=1)
     ys = []
     for i, (kernel, bias, a, b) in enumerate(projections):
         y = jnp.dot(x, kernel.astype(dtype))
@@ -312,11 +335,11 @@ def _shared_fwd(scaling, dtype, x_NxI, projections):
         ys.append(y)
     for i, start, rank in blocks:
         ys[i] = ys[i] + jnp.dot(h_NxRs[:, start:start + rank], projections[i][3].astype(dtype)) * scaling
-    return ys, (x_NxI, projections, h_NxRs)
+    return ys, (x_NxI, projections, masks, h_NxRs)
 
 
-def _shared_bwd(scaling, dtype, residuals, dys):
-    x_NxI, projections, h_NxRs = residuals
+def _shared_bwd(scaling, dtype, keep_prob, residuals, dys):
+    x_NxI, projections, masks, h_NxRs = residuals
     x = x_NxI.astype(dtype)
     dys = [dy.astype(dtype) for dy in dys]
     dx_NxI = None
@@ -334,13 +357,20 @@ def _shared_bwd(scaling, dtype, residuals, dys):
             dp_NxO = dys[i] * scaling
             grads[i][3] = jnp.dot(h_NxRs[:, start:start + rank].T, dp_NxO).astype(b.dtype)
             dh_blocks.append(jnp.dot(dp_NxO, b.astype(dtype).T))
-        dh_NxRs = jnp.concatenate(dh_blocks, axis=1)
-        a_IxRs = jnp.concatenate([projections[i][2].astype(dtype) for i, _, _ in blocks], axis=1)
-        da_IxRs = jnp.dot(dh_NxRs.T, x).T
-        for i, start, rank in blocks:
-            grads[i][2] = da_IxRs[:, start:start + rank].astype(projections[i][2].dtype)
-        dx_NxI = dx_NxI + jnp.dot(dh_NxRs, a_IxRs.T)
-    return dx_NxI.astype(x_NxI.dtype), tuple(tuple(g) for g in grads)
+        if masks is None:
+            dh_NxRs = jnp.concatenate(dh_blocks, axis=1)
+            a_IxRs = jnp.concatenate([projections[i][2].astype(dtype) for i, _, _ in blocks], axis=1)
+            da_IxRs = jnp.dot(dh_NxRs.T, x).T
+            for i, start, rank in blocks:
+                grads[i][2] = da_IxRs[:, start:start + rank].astype(projections[i][2].dtype)
+            dx_NxI = dx_NxI + jnp.dot(dh_NxRs, a_IxRs.T)
+        else:  # d(xd_i) = dh_i a_i^T reaches x through its mask: where(mask_i, d(xd_i) / keep_prob, 0)
+            for (i, _, _), dh_NxR in zip(blocks, dh_blocks):
+                a = projections[i][2]
+                grads[i][2] = jnp.dot(dh_NxR.T, _dropped(x, masks[i], keep_prob)).T.astype(a.dtype)
+                dx_NxI = dx_NxI + _dropped(jnp.dot(dh_NxR, a.astype(dtype).T), masks[i], keep_prob)
+    mask_cotangents = None if masks is None else tuple(None for _ in masks)
+    return dx_NxI.astype(x_NxI.dtype), tuple(tuple(g) for g in grads), mask_cotangents
 
 
 _shared_2d.defvjp(_shared_fwd, _shared_bwd)

@@ -187,7 +187,11 @@ class Linear(nn.Module):
             magnitude = self.param("lora_magnitude", lambda _: weight_norm(kernel, a, b, self.lora.scaling))
             return dora_dense(x, kernel, bias, a, b, magnitude, lora_dropout(self, x), scaling=self.lora.scaling,
                               dtype=self.dtype)
-        return lora_dense(x, kernel, bias, a, b, lora_dropout(self, x), scaling=self.lora.scaling, dtype=self.dtype)
+        if lora_dropout_inactive(self) or self.quant is not None:
+            return lora_dense(x, kernel, bias, a, b, lora_dropout(self, x), scaling=self.lora.scaling, dtype=self.dtype)
+        # Active dropout: the kernel applies the mask itself and saves it (1 byte an element), not the dropped x.
+        return shared_input_lora_dense(x, [(kernel, bias, a, b)], scaling=self.lora.scaling, dtype=self.dtype,
+                                       keep_masks=[lora_keep_mask(self, x.shape)], keep_prob=1.0 - self.lora.dropout)[0]
 
 
 def linear_weights(module: Linear, in_features: int):
@@ -207,31 +211,38 @@ def linear_weights(module: Linear, in_features: int):
 
 
 class LinearWeights(Linear):
-    """A Linear's params alone (same names and shapes), for `shared_input_linears`."""
+    """A Linear's params alone (same names and shapes) and its adapter's dropout keep-mask for an
+    input of x_shape (None: no adapter or no active dropout), for `shared_input_linears`."""
 
     @nn.compact
-    def __call__(self, in_features: int):
-        return linear_weights(self, in_features)
+    def __call__(self, x_shape: tuple[int, ...]):
+        kernel, bias, a, b = linear_weights(self, x_shape[-1])
+        mask = None if a is None or lora_dropout_inactive(self) else lora_keep_mask(self, x_shape)
+        return (kernel, bias, a, b), mask
 
 
 def shared_input_linears(module: nn.Module, x, linears: list[Linear]) -> list:
     """The outputs of Linears that read the same x (q/k/v; gate/up), each as `linear(x)` would be in
     `module`; the Linears come unbound (parent=None) and become `module`'s submodules by their names.
 
-    When some of them carry a plain LoRA adapter (same scaling) and no dropout is active, they run
-    as one hand-written VJP (kernels.shared_input_lora_dense: x saved once, the adapters' a as one
-    matmul); otherwise (dropout: PEFT draws an independent mask per adapted linear; no adapter at
-    all: autodiff already saves x once) each Linear runs on its own. Same params either way."""
+    When some of them carry a plain LoRA adapter (same scaling and dropout rate) over float kernels,
+    they run as one hand-written VJP (kernels.shared_input_lora_dense: x saved once; without active
+    dropout the adapters' a as one matmul; with it, one keep-mask per adapted linear, drawn from that
+    linear's own 'dropout' rng as `Linear` draws it, as PEFT draws one per adapted module, and only
+    the masks saved); otherwise (DoRA, NF4, adapter banks; no adapter at all: autodiff already saves
+    x once) each Linear runs on its own. Same params either way."""
     adapted = [linear.lora for linear in linears if linear.lora is not None]
-    fusable = (adapted and len({lora.scaling for lora in adapted}) == 1
-               and not any(lora.dora for lora in adapted) and all(linear.quant is None for linear in linears)
-               and all(linear.lora is None or lora_dropout_inactive(linear) for linear in linears))
+    fusable = (adapted and len({(lora.scaling, lora.dropout) for lora in adapted}) == 1
+               and not any(lora.dora for lora in adapted) and all(linear.quant is None for linear in linears))
     if not fusable:
         return [linear.clone(parent=module)(x) for linear in linears]
-    weights = [LinearWeights(linear.features, linear.use_bias, linear.lora, linear.dtype, linear.param_dtype,
-                             linear.deterministic, linear.quant, parent=module, name=linear.name)(x.shape[-1])
-               for linear in linears]
-    return shared_input_lora_dense(x, weights, scaling=adapted[0].scaling, dtype=linears[0].dtype)
+    weights, masks = zip(*[LinearWeights(linear.features, linear.use_bias, linear.lora, linear.dtype,
+                                         linear.param_dtype, linear.deterministic, linear.quant, parent=module,
+                                         name=linear.name)(x.shape)
+                           for linear in linears])
+    dropout = any(mask is not None for mask in masks)
+    return shared_input_lora_dense(x, weights, scaling=adapted[0].scaling, dtype=linears[0].dtype,
+                                   keep_masks=masks if dropout else None, keep_prob=1.0 - adapted[0].dropout)
 
 
 def lora_dropout_inactive(module: nn.Module) -> bool:
@@ -264,12 +275,19 @@ def quant_for(cfg: ModelConfig, target: str) -> quant.QuantConfig | None:
     return cfg.quant if cfg.quant is not None and target in cfg.quant.targets else None
 
 
+def lora_keep_mask(module: nn.Module, shape: tuple[int, ...]):
+    """The keep-mask of a LoRA adapter's input dropout (bool, kept with probability 1 - rate): flax
+    nn.Dropout's draw, from the module's own 'dropout' rng (one mask per adapted module, as PEFT)."""
+    return jax.random.bernoulli(module.make_rng("dropout"), 1.0 - module.lora.dropout, shape)
+
+
 def lora_dropout(module: nn.Module, x):
-    """The input the adapter multiplies: dropout(x) with the module's 'dropout' rng, or None when
-    there is no dropout (rate 0 or deterministic) so the adapter reads x itself."""
+    """The input the adapter multiplies: dropout(x) (nn.Dropout's arithmetic over `lora_keep_mask`),
+    or None when there is no dropout (rate 0 or deterministic) so the adapter reads x itself."""
     if lora_dropout_inactive(module):
         return None
-    return nn.Dropout(module.lora.dropout)(x, deterministic=False)
+    keep_prob = 1.0 - module.lora.dropout
+    return jax.lax.select(lora_keep_mask(module, x.shape), x / keep_prob, jnp.zeros_like(x))
 
 
 class Embed(nn.Module):
