@@ -220,7 +220,10 @@ def resume(config: ml_collections.ConfigDict, workdir: pathlib.Path, cfg: ModelC
     restored = checkpointer.restore_latest_valid(checkpoint.abstract_like(train_state.state), fingerprint)
     if restored is not None:
         train_state.state = restored.state
-        data.batcher.restore(restored.meta["data"])
+        try:
+            data.batcher.restore(restored.meta["data"])
+        except data_lib.DataError as e:
+            raise data_lib.DataError(f"{checkpointer.directory} step {restored.step}: {e}") from None
         log.info("resumed from checkpoint step %d in %s", restored.step, checkpointer.directory)
     return checkpointer, fingerprint
 
