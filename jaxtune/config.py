@@ -21,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune import data as data_lib
 from jaxtune import lora as lora_lib
 from jaxtune import tasks
 from jaxtune.errors import JaxtuneError
@@ -28,7 +29,6 @@ from jaxtune.models.llama import DTYPES, LINEAR_TARGETS, REMAT_POLICIES
 from jaxtune.models.quant import QuantConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
-FORMATS = ("auto", "messages", "prompt_completion", "text")
 AUTO = "auto"  # data.eval / train.task: follow data.train when it is `task:NAME`, else none
 TASK_SPEC = "task:"
 
@@ -206,10 +206,6 @@ def _task_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
-def is_jinja_template(template: str) -> bool:
-    return "{%" in template or "{{" in template
-
-
 def parse_mesh_shape(shape: Any) -> tuple[int, int, int]:
     if isinstance(shape, str):
         try:
@@ -287,8 +283,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         need(lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0")
     problems.extend(_lora_variant_problems(lo))
     need(bool(d.train), "data.train is empty: give a JSONL file, hf:NAME:SPLIT or task:NAME")
-    need(d.format in FORMATS, f"data.format={d.format!r}: choose one of {', '.join(FORMATS)}")
-    need(d.template in ("auto", "none") or is_jinja_template(d.template),
+    need(d.format in data_lib.FORMATS, f"data.format={d.format!r}: choose one of {', '.join(data_lib.FORMATS)}")
+    need(d.template in ("auto", "none") or data_lib.is_jinja_template(d.template),
          f"data.template={d.template!r}: choose auto (the tokenizer's chat template), none (raw text) "
          f"or a Jinja chat template string")
     problems.extend(_task_problems(config))

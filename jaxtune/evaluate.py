@@ -21,9 +21,10 @@ Sections of the report (WORKDIR/reports/eval_<task>.json by default, plus a tabl
 
 Every prompt and every scored conversation is rendered the way the run trained: with data.template
 (the tokenizer's chat template for `auto`, the raw concatenation of the contents for `none`, or a
-given Jinja template), read from the run's config.json or given with --template. Task prompts and
-forgetting prompts need a template: with `auto` and a tokenizer without a chat template the
-evaluation stops before it generates or scores anything, with one error naming the fix.
+given Jinja template), read from the run's config.json (--workdir, or a run given as --adapter) or
+given with --template. Prompts are rendered by generate.prompt_ids, as `generate --adapter` renders
+them. Task prompts and forgetting prompts need a template: with `auto` and a tokenizer without a chat
+template the evaluation stops before it generates or scores anything, with one error naming the fix.
 
 From training, `evaluate_run(model, params, lora_cfg, ...)` runs the same report on in-memory params.
 """
@@ -52,7 +53,7 @@ from jaxtune import generate as generate_lib
 from jaxtune import step as step_lib
 from jaxtune import tasks
 from jaxtune import workdir as workdir_lib
-from jaxtune.loading import LoadedModel, load_with_info
+from jaxtune.loading import LoadedModel, adapter_template, load_with_info
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import LoRAConfig
 
@@ -71,34 +72,6 @@ TEMPLATE_FIX = ("give the template the model was trained with (data.template=non
 # Task accuracy and loss (also used by jaxtune.train)
 
 
-def prompt_template(tokenizer, template: str, needed_by: str, fix: str) -> str | None:
-    """The chat template that renders prompts as training rendered conversations (None: raw text).
-
-    template is data.template ('auto', 'none' or a Jinja template). 'auto' with a tokenizer that has
-    no chat template raises a ConfigError naming `needed_by` (what needs prompts) and `fix`."""
-    if template == "auto" and not getattr(tokenizer, "chat_template", None):
-        raise config_lib.ConfigError(
-            f"{needed_by} prompts the model with conversations, but the tokenizer has no chat template and "
-            f"data.template is auto: {fix}")
-    return data_lib.resolve_chat_template(tokenizer, template)
-
-
-def prompt_ids(tokenizer, prompts: Sequence[str] | Sequence[Sequence[dict]], template: str = "auto"
-               ) -> list[list[int]]:
-    """Token ids of prompts (a user message each, or message lists) followed by what starts an answer,
-    exactly as training tokenized the same conversation before its assistant turn: the rendered chat
-    template with its generation prompt, or (template 'none') the raw contents after the tokenizer's
-    leading special tokens (BOS)."""
-    chat_template = prompt_template(tokenizer, template, "generation", "set the template to none or to a "
-                                    "Jinja chat template")
-    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-    if chat_template is None:
-        leading = data_lib.leading_special_ids(tokenizer)
-        return [data_lib.raw_chat_ids(c, tokenizer, leading, False, "prompt")[0].tolist() for c in conversations]
-    texts = [data_lib.render(tokenizer, chat_template, c, True, "prompt") for c in conversations]
-    return data_lib.encode_many(tokenizer, texts)
-
-
 def prompt_messages(example: dict) -> list[dict]:
     """The conversation up to (not including) the final assistant turn: what the model must answer."""
     messages = example["messages"]
@@ -110,14 +83,14 @@ def greedy_answers(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequenc
                    lora: LoRAConfig | None = None, max_new_tokens: int = 64, batch_size: int = 16,
                    temperature: float = 0.0, seed: int = 0, template: str = "auto") -> list[str]:
     """Generated text per prompt (a user message or a message list, rendered with `template` as in
-    training: see prompt_ids), in batches, stripped.
+    training: see generate.prompt_ids), in batches, stripped.
 
     Every batch is padded (with copies of its first prompt) to one row count, so that a whole
     evaluation compiles one decoding program per length bucket."""
     answers: list[str] = []
     rows_per_batch = min(batch_size, 1 << max(0, len(prompts) - 1).bit_length())
     for start in range(0, len(prompts), batch_size):
-        ids = prompt_ids(model.tokenizer, prompts[start:start + batch_size], template)
+        ids = generate_lib.prompt_ids(model.tokenizer, prompts[start:start + batch_size], template)
         padded = ids + [ids[0]] * (rows_per_batch - len(ids))
         rows = generate_lib.generate(model, padded, max_new_tokens, temperature=temperature, seed=seed + start,
                                      params=params, lora=lora)
@@ -352,11 +325,11 @@ def evaluate_run(model: LoadedModel, params: dict, lora: LoRAConfig | None = Non
     REPORTS/eval_<task>.json when reports_dir is given) and printed.
 
     base_params: the base weights (default model.params); compare=False evaluates `params` alone
-    (no base column, no forgetting). Everything is rendered with settings.template (see prompt_ids);
-    a template the prompts cannot use is a ConfigError before any compute."""
+    (no base column, no forgetting). Everything is rendered with settings.template (see
+    generate.prompt_ids); a template the prompts cannot use is a ConfigError before any compute."""
     if task or compare:
-        prompt_template(model.tokenizer, settings.template, f"task {task}" if task else "the forgetting metrics",
-                        TEMPLATE_FIX)
+        generate_lib.prompt_template(model.tokenizer, settings.template,
+                                     f"task {task}" if task else "the forgetting metrics", TEMPLATE_FIX)
     base_params = model.params if base_params is None else base_params
     columns = {"base": (base_params, None), "finetuned": (params, lora)} if compare else {"model": (params, lora)}
     report: dict = {"task": task, "split": settings.split, "model": model_path or str(model.folder),
@@ -493,7 +466,7 @@ def run_command(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                         general_prompts=args.general_prompts, general_questions=args.general_questions,
                         max_len=args.max_len or (int(run.data.max_len) if run is not None else 512),
-                        template=args.template or (run.data.template if run is not None else "auto"),
+                        template=args.template or adapter_template(adapter),
                         mask_prompt=bool(run.data.mask_prompt) if run is not None else True)
     reports = pathlib.Path(args.workdir) / "reports" if args.workdir else \
         (pathlib.Path(args.out).parent if args.out else None)

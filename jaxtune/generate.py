@@ -4,11 +4,16 @@ This module owns decoding for every Llama-family model jaxtune loads:
 
     python -m jaxtune.generate --model=smollm2-135m-instruct \
         --prompt="What is the capital of France?" --max_new_tokens=32 [--temperature=0] [--top_p=1] \
-        [--top_k=0] [--seed=0] [--raw] [--dtype=float32] [--adapter=WORKDIR|PEFT_DIR]
+        [--top_k=0] [--seed=0] [--template=auto|none|JINJA | --raw] [--dtype=float32] \
+        [--adapter=WORKDIR|PEFT_DIR]
 
-prints the completion (the tokenizer's chat template is applied unless --raw). Many adapters over one
-base, batched together (jaxtune.multi_adapter; each JSONL row {"adapter": NAME or null, "prompt": "..."}
-or {"adapter": ..., "messages": [...]}, written back with its "completion"):
+prints the completion. The prompt is rendered as the model was trained (`prompt_ids`, the one owner of
+prompt rendering, which evaluate and train's task scores use too): with a jaxtune run's
+data.template (from its config.json: the tokenizer's chat template for `auto`, raw text for `none`,
+or its Jinja template), else with the tokenizer's chat template; --template overrides that and --raw
+is --template=none. Many adapters over one base, batched together (jaxtune.multi_adapter; each JSONL
+row {"adapter": NAME or null, "prompt": "..."} or {"adapter": ..., "messages": [...]}, written back with
+its "completion"; each row rendered with its adapter's template, the base's rows with the chat template):
 
     python -m jaxtune.generate --model=BASE --adapters=NAME=DIR[,NAME=DIR...] --prompts=FILE.jsonl \
         [--out=FILE.jsonl] [--batch_size=32]
@@ -54,7 +59,7 @@ import functools
 import json
 import pathlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -62,8 +67,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxtune
+from jaxtune import config as config_lib
+from jaxtune import data as data_lib
 from jaxtune.errors import JaxtuneError
-from jaxtune.loading import base_model_path, load, load_for_inference
+from jaxtune.loading import adapter_template, base_model_path, load, load_for_inference
 from jaxtune.multi_adapter import AdapterBank, parse_adapter_specs
 from jaxtune.smollm2 import default_cache_dir
 from jaxtune.models.llama import Llama, LoRAConfig, ModelConfig, init_cache, unstack_cache, unstack_layers
@@ -389,35 +396,50 @@ def generate_chunks(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         pending = upcoming
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[dict]], chat: bool = True) -> list[list[int]]:
-    """Texts (one user message each) or message lists -> token ids, through the chat template
-    with the generation prompt appended; chat=False encodes plain strings as they are."""
-    if not chat:
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("chat=False takes plain strings, not message lists")
-        return [tokenizer(p)["input_ids"] for p in prompts]
-    ids = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids
+def prompt_template(tokenizer, template: str, needed_by: str, fix: str) -> str | None:
+    """The chat template that renders prompts as training rendered conversations (None: raw text).
+
+    template is data.template ('auto', 'none' or a Jinja template). 'auto' with a tokenizer that has
+    no chat template raises a ConfigError naming `needed_by` (what needs prompts) and `fix`."""
+    if template == "auto" and not getattr(tokenizer, "chat_template", None):
+        raise config_lib.ConfigError(
+            f"{needed_by} prompts the model with conversations, but the tokenizer has no chat template and "
+            f"data.template is auto: {fix}")
+    return data_lib.resolve_chat_template(tokenizer, template)
+
+
+def prompt_ids(tokenizer, prompts: Sequence[str] | Sequence[Sequence[dict]], template: str = "auto"
+               ) -> list[list[int]]:
+    """Token ids of prompts (a user message each, or message lists) followed by what starts an answer,
+    exactly as training with data.template=`template` tokenized the same conversation before its
+    assistant turn: the rendered chat template with its generation prompt, or (template 'none') the
+    raw contents after the tokenizer's leading special tokens (BOS). The one place prompts are
+    rendered: generate, evaluate, train's task scores and serve's chat all come here."""
+    chat_template = prompt_template(tokenizer, template, "generation", "set the template to none or to a "
+                                    "Jinja chat template")
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    if chat_template is None:
+        leading = data_lib.leading_special_ids(tokenizer)
+        return [data_lib.raw_chat_ids(c, tokenizer, leading, False, "prompt")[0].tolist() for c in conversations]
+    texts = [data_lib.render(tokenizer, chat_template, c, True, "prompt") for c in conversations]
+    return data_lib.encode_many(tokenizer, texts)
 
 
 def generate_text(
     model,
     prompts: Sequence[str] | Sequence[Sequence[dict]],
     max_new_tokens: int,
-    chat: bool = True,
+    template: str = "auto",
     **kwargs: Any,
 ) -> list[str]:
     """Complete texts or chats -> the generated text per prompt (special tokens skipped).
 
-    Strings are single user messages, or raw text with chat=False; message lists
-    ([{'role': ..., 'content': ...}, ...]) go through the chat template. kwargs: see `generate`."""
+    Strings are single user messages, message lists ([{'role': ..., 'content': ...}, ...]) whole
+    conversations, both rendered with `template` (see prompt_ids): 'auto' (the tokenizer's chat
+    template), 'none' (raw text) or a Jinja chat template. kwargs: see `generate`."""
     if model.tokenizer is None:
         raise ValueError("generate_text needs the model's tokenizer: load it with with_tokenizer=True")
-    ids = generate(model, encode_prompts(model.tokenizer, prompts, chat), max_new_tokens, **kwargs)
+    ids = generate(model, prompt_ids(model.tokenizer, prompts, template), max_new_tokens, **kwargs)
     return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
 
@@ -453,7 +475,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--template", help="how prompts are rendered: auto (the tokenizer's chat template), none "
+                        "(raw text) or a Jinja chat template; default: a jaxtune run's data.template, else auto")
+    parser.add_argument("--raw", action="store_true", help="raw text, no chat template: --template=none")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="param and compute dtype")
     args = parser.parse_args(argv)
@@ -467,7 +491,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--adapters goes with --prompts=FILE.jsonl, whose rows name their adapter")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.raw and args.template not in (None, "none"):
+        parser.error(f"--raw is --template=none: drop one of --raw and --template={args.template}")
+    if args.raw:
+        args.template = "none"
     return args
+
+
+TEMPLATE_FIX = "pass --raw (or --template=none) for raw text, or --template=JINJA with the model's chat template"
+
+
+def check_templates(tokenizer, templates: Iterable[str]) -> None:
+    """Every one of `templates` can render prompts with `tokenizer`, or one ConfigError naming the
+    fix, before anything is generated."""
+    for template in set(templates):
+        prompt_template(tokenizer, template, "python -m jaxtune.generate", TEMPLATE_FIX)
 
 
 class PromptsError(JaxtuneError, ValueError):
@@ -500,15 +538,17 @@ def read_prompt_rows(path: str | pathlib.Path, adapters: Sequence[str] = ()) -> 
     return rows
 
 
-def complete_rows(model, rows: Sequence[dict], max_new_tokens: int, raw: bool, batch_size: int,
+def complete_rows(model, rows: Sequence[dict], max_new_tokens: int, templates: dict, batch_size: int,
                   bank: AdapterBank | None = None, **kwargs: Any) -> list[dict]:
     """Each row plus its "completion", `batch_size` rows per batch, each row with its adapter
-    (through `bank`) or the base model (or, without a bank, kwargs' params)."""
+    (through `bank`) or the base model (or, without a bank, kwargs' params), its prompt rendered with
+    templates[its adapter name, or None for the base]."""
+    check_templates(model.tokenizer, [templates[row.get("adapter")] for row in rows])
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        ids = [encode_prompts(model.tokenizer, [row["messages"] if "messages" in row else row["prompt"]],
-                              chat="messages" in row or not raw)[0] for row in chunk]
+        ids = [prompt_ids(model.tokenizer, [row["messages"] if "messages" in row else row["prompt"]],
+                          templates[row.get("adapter")])[0] for row in chunk]
         if bank is None:
             new_ids = generate(model, ids, max_new_tokens, **kwargs)
         else:
@@ -528,10 +568,12 @@ def run_prompts_file(args: argparse.Namespace) -> list[dict]:
         model = load(base_model_path(args.model, next(iter(dirs.values()))), param_dtype=args.dtype,
                      compute_dtype=args.dtype)
         bank = AdapterBank.from_dirs(model.cfg, dirs)
-        return complete_rows(model, rows, args.max_new_tokens, args.raw, args.batch_size, bank=bank, **sampling)
+        templates = {name: args.template or adapter_template(d) for name, d in {None: None, **dirs}.items()}
+        return complete_rows(model, rows, args.max_new_tokens, templates, args.batch_size, bank=bank, **sampling)
     rows = read_prompt_rows(args.prompts)
     model, params, lora = load_for_inference(args.model, args.adapter, args.dtype)
-    return complete_rows(model, rows, args.max_new_tokens, args.raw, args.batch_size, params=params, lora=lora,
+    templates = {None: args.template or adapter_template(args.adapter)}
+    return complete_rows(model, rows, args.max_new_tokens, templates, args.batch_size, params=params, lora=lora,
                          **sampling)
 
 
@@ -557,12 +599,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_rows(run_prompts_file(args), args.out)
             return
         model, params, lora = load_for_inference(args.model, args.adapter, args.dtype)
+        template = args.template or adapter_template(args.adapter)
+        check_templates(model.tokenizer, [template])
+        [text] = generate_text(model, [args.prompt], args.max_new_tokens, template=template,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               params=params, lora=lora)
     except JaxtuneError as e:  # the user can fix it: one message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    [text] = generate_text(model, [args.prompt], args.max_new_tokens, chat=not args.raw,
-                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                           params=params, lora=lora)
     print(text)
 
 

@@ -20,6 +20,7 @@ re-exported as `jaxtune.api.load`), and `load_for_inference`, shared by
 
 The returned LoadedModel is the BASE model (cfg without LoRA, base params, the tokenizer to use);
 `params` / `lora_cfg` are what to pass as `params=` / `lora=` to generate, api.logits or evaluate.
+`adapter_template` is the data.template prompts for an adapter are rendered with (a run's own).
 `load_tokenizer` is jaxtune.hf's (re-exported here): a run's saved tokenizer is read below this layer.
 When a run extended the vocabulary, the base model's embedding (and untied head) are extended with
 the run's new rows so that both share one config.
@@ -45,7 +46,7 @@ from jaxtune.hf import load_tokenizer
 from jaxtune.models.llama import DTYPES, Llama, LoRAConfig, ModelConfig
 from jaxtune.models.quant import QuantConfig
 
-__all__ = ["InferenceError", "LoadedModel", "adapter_kind", "base_model_path", "extend_vocab", "load",
+__all__ = ["InferenceError", "LoadedModel", "adapter_kind", "adapter_template", "base_model_path", "extend_vocab", "load",
            "load_for_inference", "load_peft", "load_run", "load_tokenizer", "load_with_info"]
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,14 @@ def base_model_path(model: str | None, adapter: str | pathlib.Path | None) -> st
     if not name:
         raise InferenceError(f"{directory / peft_io.ADAPTER_CONFIG} names no base_model_name_or_path: give --model")
     return name
+
+
+def adapter_template(adapter: str | pathlib.Path | None) -> str:
+    """How prompts for `adapter` are rendered (a data.template value): a jaxtune run's data.template,
+    as it trained; 'auto' (the tokenizer's chat template) for a PEFT folder or no adapter."""
+    if adapter is None or adapter_kind(adapter) == "peft":
+        return "auto"
+    return workdir_lib.read_run_config(adapter).data.template
 
 
 def extend_vocab(base: dict, trained: dict, vocab_size: int) -> dict:

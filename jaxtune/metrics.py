@@ -2,7 +2,11 @@
 
     metrics.jsonl   one JSON object per event: {"kind": "train" | "eval" | "task", "step": N,
                     "time": unix seconds, <name>: float, ...}; appended (a resumed run continues it)
-    tb/             TensorBoard scalars "<kind>/<name>" at step N
+    tb/             TensorBoard scalars "<kind>/<name>" at step N: one event file per writer,
+                    events.out.tfevents.<unix seconds>.<host>.<pid>.<counter> (tensorboardX names
+                    files by seconds and host only, and a second writer in the same second, a
+                    quick resume or another process on the workdir, would truncate the first's
+                    file; the pid and a per-process counter keep them apart, as TensorFlow does)
 
 `MetricsLog` writes both (on process 0 only; elsewhere it is a no-op); `metrics_at` reads a record
 back (a resumed run takes its "before training" figures from there); `ProgressBar` is the tqdm bar
@@ -11,13 +15,21 @@ with loss, lr, tokens/s and ETA; `TokenRate` counts trained tokens per second be
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import pathlib
 import sys
 import time
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
+_EVENT_FILES = itertools.count()  # event files opened by this process
+
+
+def event_file_suffix() -> str:
+    """What makes this writer's event file name unique after tensorboardX's <seconds>.<host>."""
+    return f".{os.getpid()}.{next(_EVENT_FILES)}"
 
 
 class MetricsLog:
@@ -30,7 +42,7 @@ class MetricsLog:
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / TENSORBOARD_DIR))
+            self.tb = SummaryWriter(str(workdir / TENSORBOARD_DIR), filename_suffix=event_file_suffix())
 
     def write(self, kind: str, step_num: int, values: dict):
         if not self.enabled:

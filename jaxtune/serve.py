@@ -45,7 +45,7 @@ from typing import Any
 import jaxtune
 from jaxtune.engine import CHUNK_TOKENS, Engine, EngineStopped, QueueFull, Request, Result
 from jaxtune.errors import JaxtuneError, MissingPackageError
-from jaxtune.generate import encode_prompts, enable_compilation_cache
+from jaxtune.generate import enable_compilation_cache, prompt_ids
 from jaxtune.loading import base_model_path, load
 from jaxtune.models.llama import LINEAR_TARGETS
 from jaxtune.multi_adapter import AdapterBank, AdapterError, parse_adapter_specs, read_adapter
@@ -158,7 +158,7 @@ def chat_prompt(body: dict, tokenizer) -> list[int]:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
     normalised = [{"role": m["role"], "content": message_text(m.get("content", ""))} for m in messages]
     try:
-        [ids] = encode_prompts(tokenizer, [normalised])
+        [ids] = prompt_ids(tokenizer, [normalised])
     except Exception as e:  # the template's own refusal (roles out of order, no template, ...)
         raise bad_request(f"the chat template refused these messages: {e}", "messages") from None
     return ids

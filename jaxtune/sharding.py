@@ -32,7 +32,7 @@ the same array (possible only with custom rules). `strict=True` raises `Sharding
 Optimizer state mirrors the parameter trees (optax), so `state_shardings` matches each state leaf
 to a parameter by the trailing dict-key path of the leaf plus its rank; everything else (step
 counts, and any statistic whose rank is not its parameter's, e.g. factored second moments) is
-replicated.
+replicated. `jaxtune.state.build` creates the whole train state under jit in these shardings.
 """
 
 from __future__ import annotations
@@ -418,8 +418,3 @@ def _mirrors(shape: Sequence[int], sharding: NamedSharding) -> bool:
             return False
     return True
 
-
-def init_opt_state_sharded(tx, params, param_shardings_tree, mesh: Mesh):
-    """tx.init(params) with every state leaf created directly in its sharding (see state_shardings)."""
-    shardings = state_shardings(jax.eval_shape(tx.init, params), param_shardings_tree, mesh)
-    return create_sharded(tx.init, shardings, params)

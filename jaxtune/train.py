@@ -27,7 +27,7 @@ import ml_collections
 import jaxtune
 import numpy as np
 
-from jaxtune import checkpoint, distributed, evaluate, hf, metrics, optim, plan, sharding, step, tasks, vocab
+from jaxtune import checkpoint, distributed, evaluate, generate, hf, metrics, optim, plan, sharding, step, tasks, vocab
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune import params as params_lib
@@ -146,7 +146,7 @@ def model_source(config: ml_collections.ConfigDict) -> ModelSource:
     cfg = plan.model_config(config, folder)  # the one config -> ModelConfig mapping, shared with the planner
     tokenizer = load_tokenizer(folder)
     if config.train.task:  # the task's prompts are rendered as training renders conversations
-        evaluate.prompt_template(tokenizer, config.data.template, f"train.task={config.train.task}",
+        generate.prompt_template(tokenizer, config.data.template, f"train.task={config.train.task}",
                                  "set data.template=none (raw text) or a Jinja chat template, or train.task='' "
                                  "to score no task")
     vocab_ext = vocab.extend_tokenizer(tokenizer, config.data.add_tokens, cfg.vocab_size)  # data.add_tokens
@@ -220,7 +220,10 @@ def resume(config: ml_collections.ConfigDict, workdir: pathlib.Path, cfg: ModelC
     restored = checkpointer.restore_latest_valid(checkpoint.abstract_like(train_state.state), fingerprint)
     if restored is not None:
         train_state.state = restored.state
-        data.batcher.restore(restored.meta["data"])
+        try:
+            data.batcher.restore(restored.meta["data"])
+        except data_lib.DataError as e:
+            raise data_lib.DataError(f"{checkpointer.directory} step {restored.step}: {e}") from None
         log.info("resumed from checkpoint step %d in %s", restored.step, checkpointer.directory)
     return checkpointer, fingerprint
 

@@ -57,7 +57,7 @@ def test_generate_text_is_hf_greedy(tiny_chat_model):
 
     model = api.load(str(tiny_chat_model))
     prompt = "The sea is"
-    [text] = api.generate_text(model, [prompt], max_new_tokens=6, chat=False)
+    [text] = api.generate_text(model, [prompt], max_new_tokens=6, template="none")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval()
     ids = model.tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():

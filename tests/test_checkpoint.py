@@ -181,6 +181,42 @@ def test_a_workdir_of_another_config_is_refused_not_skipped(tmp_path):
         assert not (ckpt.directory / ckpt_lib.DAMAGED_DIR).exists()
 
 
+def as_bfloat16(tree):
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                  tree)
+
+
+def test_a_checkpoint_from_before_float32_master_weights_is_one_error_naming_the_way_on(tmp_path):
+    """A bfloat16 run's checkpoints from before trained leaves were float32 master weights hold them (and
+    Adam's moments) in bfloat16. Resuming one is one CheckpointError naming the folder and how to go on from
+    its weights (export them), not a crash inside orbax, and the checkpoint is not set aside as damaged."""
+    cfg = tiny_model_config()
+    trained = toy_state()
+    old = {**trained, "params": as_bfloat16(trained["params"]), "opt_state": as_bfloat16(trained["opt_state"])}
+    with Checkpointer(tmp_path, every=1, keep=2, async_save=False) as ckpt:
+        ckpt.save(1, old, meta_at(1, ckpt_lib.config_fingerprint("toy", cfg, True, old["params"])))
+    with Checkpointer(tmp_path, every=1, keep=2) as ckpt:
+        with pytest.raises(CheckpointError) as caught:
+            ckpt.restore_latest_valid(toy_state(), ckpt_lib.config_fingerprint("toy", cfg, True, trained["params"]))
+        assert ckpt.all_steps() == [1] and not (ckpt.directory / ckpt_lib.DAMAGED_DIR).exists()
+    message = str(caught.value)
+    assert message.startswith(f"the checkpoints in {tmp_path / 'checkpoints'} hold the trained weights (and Adam's "
+                              f"moments) in bfloat16: they were written by a jaxtune from before")
+    assert f"python -m jaxtune.export --workdir={tmp_path} --format=peft" in message
+    assert "--config.lora.init_from=" in message and "--config.model.path=" in message
+    # The way on reads them: export takes the trained weights as stored.
+    from jaxtune import workdir as workdir_lib
+
+    exported = workdir_lib.load_trained_params(tmp_path, 1)
+    assert exported["dense"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(exported["dense"]["kernel"], np.asarray(old["params"]["dense"]["kernel"]))
+
+    # bfloat16 leaves next to another difference: the other config's message, every difference listed.
+    other = ckpt_lib.config_fingerprint("other", cfg, True, trained["params"])
+    with pytest.raises(CheckpointError, match=r"different model or run config(.|\n)*model_path(.|\n)*bfloat16"):
+        ckpt_lib.check_compatible(meta_at(1, ckpt_lib.config_fingerprint("toy", cfg, True, old["params"])), other)
+
+
 # ============================================================================================
 # Saving, keeping, restoring
 

@@ -524,13 +524,14 @@ def test_the_lora_arms_weight_change_has_rank_at_most_r_by_numpy_svd(compare_run
 
 
 def chromium_binary() -> str:
-    """Debian's chromium if this machine has it; else skip: the browser check is an optional extra on top
-    of test_report_html_is_self_contained_with_every_image_and_the_arms_table, which needs no browser
-    (CI does not install a browser)."""
+    """Debian's chromium if this machine has it (CI's slow stage installs it where it can: .ci/run); else
+    skip, saying so: the browser check comes on top of
+    test_report_html_is_self_contained_with_every_image_and_the_arms_table, which needs no browser."""
     for name in ("chromium", "chromium-browser"):
         if shutil.which(name):
             return shutil.which(name)
-    pytest.skip("optional: report.html in a real browser needs Debian's `chromium` package (apt-get install chromium)")
+    pytest.skip("report.html was NOT checked in a real browser: chromium is not installed on this machine "
+                "(apt-get install chromium; .ci/run installs it when it runs as root)")
 
 
 @pytest.mark.slow

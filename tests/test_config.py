@@ -151,6 +151,20 @@ def test_bad_values_are_named_with_the_fix(override, named):
         config_lib.validate(load(REPO_ROOT / "configs" / "lora_llama.py", override), 1)
 
 
+def test_data_format_and_template_are_validated_by_the_data_package_rules(monkeypatch):
+    """config has no copy of the data formats or of the Jinja-template rule: it validates with jaxtune.data's."""
+    from jaxtune import data
+
+    config = load(REPO_ROOT / "configs" / "lora_llama.py", "--config.data.format=chat_jsonl")
+    with pytest.raises(config_lib.ConfigError, match=re.escape(f"choose one of {', '.join(data.FORMATS)}")):
+        config_lib.validate(config, 1)
+    monkeypatch.setattr(data, "FORMATS", (*data.FORMATS, "chat_jsonl"))
+    config_lib.validate(config, 1)
+    config.data.template = "<<custom>>"
+    monkeypatch.setattr(data, "is_jinja_template", lambda template: template.startswith("<<"))
+    config_lib.validate(config, 1)
+
+
 def test_a_jinja_chat_template_is_a_valid_data_template():
     config = load(REPO_ROOT / "configs" / "lora_llama.py",
                   "--config.data.template={% for m in messages %}{{ m['content'] }}{% endfor %}")

@@ -170,9 +170,10 @@ def test_batcher_resumes_exactly(packing):
             got = next(resumed)
             for key in want:
                 np.testing.assert_array_equal(got[key], want[key])
-    with pytest.raises(ValueError, match="out of range"):
+    # A checkpoint's position that does not fit this data is the user's to fix: a DataError (still a ValueError).
+    with pytest.raises(data.DataError, match=r"out of range .*train.batch_size; resume with the run's own settings"):
         resumed.restore({"epoch": 0, "index": 999})
-    with pytest.raises(ValueError, match="epoch"):
+    with pytest.raises(data.DataError, match="epoch"):
         resumed.restore({"step": 3})
 
 
@@ -195,8 +196,12 @@ def test_multi_host_slices_concatenate_to_the_global_batch(packing):
             assert {p["tokens"].shape for p in parts} == {(8 // count, want["tokens"].shape[1])}
             for key in want:
                 np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(data.DataError, match=r"train.batch_size=6 is not divisible by the 4 processes.*multiple of 4"):
         data.Batcher(examples, batch_size=6, max_len=32, pad_id=0, process_count=4)
+    with pytest.raises(data.DataError, match="train.batch_size=0"):
+        data.Batcher(examples, batch_size=0, max_len=32, pad_id=0)
+    with pytest.raises(data.DataError, match="no training examples"):
+        data.Batcher([], batch_size=4, max_len=32, pad_id=0)
 
 
 @pytest.mark.parametrize("packing", [False, True])

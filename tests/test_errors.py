@@ -30,6 +30,8 @@ BUILT_IN_BASES = {
     "jaxtune.sharding.ShardingError": ValueError,
     "jaxtune.smollm2.SourceUnavailableError": RuntimeError,
     "jaxtune.tasks.registry.UnknownTaskError": KeyError,
+    "jaxtune.tasks.common.TaskError": ValueError,
+    "jaxtune.tasks.public.PublicDatasetError": RuntimeError,
     "jaxtune.train.TrainingError": RuntimeError,
     "jaxtune.plan.targets.PlanError": ValueError,
     "jaxtune.multi_adapter.AdapterError": ValueError,

@@ -250,14 +250,14 @@ def test_prompt_ids_are_the_training_tokens_before_the_answer(chat_model, templa
 
     example = task_example()
     [tokenized], _ = data.tokenize_examples([example], chat_model.tokenizer, 4096, template=template)
-    [prompt] = evaluate.prompt_ids(chat_model.tokenizer, [evaluate.prompt_messages(example)], template)
+    [prompt] = generate.prompt_ids(chat_model.tokenizer, [evaluate.prompt_messages(example)], template)
     first_trained = int(np.argmax(tokenized.trained))
     assert prompt == tokenized.ids[:first_trained].tolist()  # the model continues where training taught it
 
 
 def test_raw_prompts_have_no_chat_markup(chat_model):
-    [chat] = evaluate.prompt_ids(chat_model.tokenizer, ["Name a fruit."], "auto")
-    [raw] = evaluate.prompt_ids(chat_model.tokenizer, ["Name a fruit."], "none")
+    [chat] = generate.prompt_ids(chat_model.tokenizer, ["Name a fruit."], "auto")
+    [raw] = generate.prompt_ids(chat_model.tokenizer, ["Name a fruit."], "none")
     assert "<|im_start|>" in chat_model.tokenizer.decode(chat)
     assert raw == chat_model.tokenizer("Name a fruit.")["input_ids"]
 
@@ -271,6 +271,56 @@ def test_greedy_answers_use_the_template(chat_model):
                 for row in generate.generate(chat_model, raw_ids, 8)]
     assert evaluate.greedy_answers(chat_model, prompts, max_new_tokens=8, template="none") == expected
     assert evaluate.greedy_answers(chat_model, prompts, max_new_tokens=8, template="auto") != expected
+
+
+def generated_prompts(monkeypatch) -> list:
+    """The prompt ids of every generate.generate call from now on (generate, evaluate and train all decode there)."""
+    seen = []
+    real = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda model, prompts, *args, **kwargs: (
+        seen.append([list(p) for p in prompts]), real(model, prompts, *args, **kwargs))[1])
+    return seen
+
+
+@pytest.mark.parametrize("template", ["none", "auto", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                                      "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"])
+def test_generate_prompts_a_run_with_its_template_as_evaluate_does(model_folder, chat_model, tmp_path, monkeypatch,
+                                                                   capsys, template):
+    """`generate --adapter=RUN` renders its prompt with the run's data.template (here on a tokenizer
+    that has a chat template), token for token as evaluate prompts that run."""
+    run = fake_run(tmp_path / "run", model_folder, LORA, zero_adapters(chat_model.cfg.replace(lora=LORA)),
+                   data={"template": template})
+    seen = generated_prompts(monkeypatch)
+    generate_cli(capsys, "--adapter", str(run))
+    evaluate.greedy_answers(chat_model, ["Tell me about the sea."], max_new_tokens=4, template=template)
+    from_cli, from_evaluate = seen
+    assert from_cli == from_evaluate
+    text = chat_model.tokenizer.decode(from_cli[0])
+    assert ("<|im_start|>" in text) == (template == "auto") and ("<assistant>" in text) == (template not in
+                                                                                            ("auto", "none"))
+    # --template overrides the run's, and --raw is --template=none.
+    generate_cli(capsys, "--adapter", str(run), "--raw")
+    generate_cli(capsys, "--adapter", str(run), "--template", "none")
+    assert seen[2] == seen[3] == generate.prompt_ids(chat_model.tokenizer, ["Tell me about the sea."], "none")
+
+
+def test_a_run_given_as_adapter_is_evaluated_with_its_template(model_folder, chat_model, tmp_path, monkeypatch):
+    run = fake_run(tmp_path / "run", model_folder, LORA, zero_adapters(chat_model.cfg.replace(lora=LORA)),
+                   data={"template": "none"})
+    assert loading.adapter_template(run) == "none" and loading.adapter_template(None) == "auto"
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--model", str(model_folder), "--adapter", str(run), "--task", "arithmetic", "--limit", "1",
+                          "--samples", "1", "--max_new_tokens", "2", "--batch_size", "4", "--out", str(out),
+                          *small_general_files(tmp_path)]) == 0
+    assert json.loads(out.read_text())["settings"]["template"] == "none"
+
+
+def test_generate_without_a_chat_template_is_one_clear_error(no_template_folder, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", str(no_template_folder), "--prompt", "Hi", "--max_new_tokens", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "the tokenizer has no chat template" in err and "--raw" in err
 
 
 def test_the_base_answers_cache_is_keyed_by_the_template():
@@ -373,8 +423,8 @@ def test_a_raw_text_run_scores_its_task_with_raw_prompts_and_keeps_the_last_chec
     from jaxtune import train
 
     templates = []
-    prompt_ids = evaluate.prompt_ids
-    monkeypatch.setattr(evaluate, "prompt_ids", lambda tok, prompts, template="auto": (
+    prompt_ids = generate.prompt_ids
+    monkeypatch.setattr(generate, "prompt_ids", lambda tok, prompts, template="auto": (
         templates.append(template), prompt_ids(tok, prompts, template))[1])
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows())
     config = tiny_run_config(no_template_folder, data, **{

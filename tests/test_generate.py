@@ -213,7 +213,7 @@ def smollm2():
 @pytest.mark.real_model
 def test_smollm2_greedy_equals_hf_token_for_token(smollm2):
     model, torch_model = smollm2
-    prompts = gen.encode_prompts(model.tokenizer, CHATS)
+    prompts = gen.prompt_ids(model.tokenizer, CHATS)
     eos = gen.default_eos_ids(model)
     assert eos == (2,)  # <|im_end|>
     ours = gen.generate(model, prompts, 32)
@@ -228,7 +228,7 @@ def test_smollm2_generate_text_and_cli(smollm2):
     texts = gen.generate_text(model, CHATS[:2], max_new_tokens=32)
     assert "Paris" in texts[0] and len(texts[1]) > 10
     assert api.generate_text(model, CHATS[:1], max_new_tokens=32) == texts[:1]
-    raw = api.generate_text(model, ["The capital of France is"], max_new_tokens=8, chat=False)
+    raw = api.generate_text(model, ["The capital of France is"], max_new_tokens=8, template="none")
     assert "Paris" in raw[0]
     out = subprocess.run([sys.executable, "-m", "jaxtune.generate", "--model=smollm2-135m-instruct",
                           "--prompt=What is the capital of France?", "--max_new_tokens=16"],

@@ -45,6 +45,28 @@ def test_records_are_appended_as_json_lines_and_tensorboard_scalars(tmp_path):
     assert all(abs(r["time"] - time.time()) < 600 for r in records)
 
 
+def test_writers_of_one_second_keep_their_own_event_files(tmp_path, monkeypatch):
+    """tensorboardX names an event file by the second and the host and opens it for writing: a second
+    writer in the same second (two at once, or a resume right after a stop) must not truncate the first's."""
+    import types
+
+    from tensorboardX import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.25))
+    first = metrics.MetricsLog(tmp_path, enabled=True)
+    first.write("train", 1, {"loss": 2.5})
+    second = metrics.MetricsLog(tmp_path, enabled=True)  # open at the same time
+    second.write("train", 2, {"loss": 2.0})
+    first.close()
+    second.close()
+    third = metrics.MetricsLog(tmp_path, enabled=True)  # opened after the others closed, same second
+    third.write("train", 3, {"loss": 1.5})
+    third.close()
+    files = sorted((tmp_path / "tb").glob("events.out.tfevents.1700000000.*"))
+    assert len(files) == 3
+    assert sorted(tensorboard_scalars(files)["train/loss"]) == [(1, 2.5), (2, 2.0), (3, 1.5)]
+
+
 def test_a_disabled_log_writes_nothing(tmp_path):
     """Processes other than 0 keep no metrics files."""
     log = metrics.MetricsLog(tmp_path, enabled=False)

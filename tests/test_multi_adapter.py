@@ -275,7 +275,7 @@ def test_smollm2_mixed_batch_equals_peft_and_each_adapter_alone(smollm2_folder, 
     model = api.load(str(smollm2_folder))
     chats = ["What is the capital of France?", "Write a haiku about rain.", "What is 12 * 7?", "Hi!"]
     names = [None, "qv", "all", "mlp", "all", "qv", None, "mlp"]
-    prompts = gen.encode_prompts(model.tokenizer, [chats[i % len(chats)] for i in range(len(names))])
+    prompts = gen.prompt_ids(model.tokenizer, [chats[i % len(chats)] for i in range(len(names))])
     tokens = np.asarray([p[-12:] for p in prompts], np.int32)  # equal lengths: no padding for PEFT
     # One torch model at a time (each is 540 MB): its reference logits for its rows, then dropped.
     reference = {None: torch_logits(fresh_hf_model(smollm2_folder), tokens)}

@@ -1,5 +1,6 @@
 """Mesh parsing, logical axes of every param, shardings of params/adapters/optimizer state/batches."""
 
+import functools
 import logging
 import math
 
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import FAMILIES
 from jaxtune import hf, lora, sharding
 from jaxtune import params as params_lib
+from jaxtune import state as state_lib
 from jaxtune.models.llama import ModelConfig, abstract_params
 from jaxtune.plan import measured
 from jaxtune.plan.compiled import compiled_figures
@@ -172,7 +174,10 @@ def test_optimizer_state_follows_params_and_its_bytes(tiny_models):
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
         {"decay": optax.adamw(1e-3, weight_decay=0.1), "no_decay": optax.adamw(1e-3)}, labels))
     train_shardings = sharding.param_shardings(trainable, mesh)
-    opt_state = sharding.init_opt_state_sharded(tx, trainable, train_shardings, mesh)
+    # As state.build creates it: the state's layout (state.init) under jit, in state.shardings' shardings.
+    fresh = functools.partial(state_lib.init, tx=tx, seed=0)
+    opt_state_sh = state_lib.shardings(jax.eval_shape(fresh, trainable), train_shardings, mesh)["opt_state"]
+    opt_state = sharding.create_sharded(lambda t: fresh(t)["opt_state"], opt_state_sh, trainable)
     by_path = flat(train_shardings)
     mirrored = 0
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:

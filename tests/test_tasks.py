@@ -64,6 +64,33 @@ def test_unknown_task_and_split():
         viggo.generate("dev", 3, 0)
 
 
+def test_bad_task_requests_are_task_errors_naming_the_fix():
+    """What a user can get wrong (a split, a size, a prediction list) is a JaxtuneError, which the CLIs
+    print as one line, and still the ValueError it was."""
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.tasks.common import TaskError
+
+    assert issubclass(TaskError, JaxtuneError) and issubclass(TaskError, ValueError)
+    with pytest.raises(TaskError, match="unknown split 'dev': use one of train, validation, test"):
+        tasks.data_file("viggo", "dev")
+    with pytest.raises(TaskError, match="viggo: asked for -1 train examples; the number of examples must be >= 0"):
+        viggo.generate("train", -1, 0)
+    with pytest.raises(TaskError, match=r"toy: asked for 5 distinct train examples, but .* found only [0-4]: .* "
+                                        r"ask for at most"):
+        common.generate_split("toy", "train", 5, 0, lambda rng: {"x": rng.randint(0, 3)}, lambda ex: str(ex["x"]))
+    with pytest.raises(TaskError, match="2 predictions for 3 examples of task viggo: pass one prediction per example"):
+        tasks.score_all("viggo", ["a", "b"], viggo.generate("test", 3, 0))
+
+
+def test_the_build_command_reports_an_unknown_task_in_one_line(tmp_path, capsys):
+    from jaxtune.tasks import build
+
+    with pytest.raises(SystemExit) as exit_info:
+        build.main(["--out", str(tmp_path), "--tasks", "nope"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: unknown task 'nope'; known tasks: ")
+
+
 def test_viggo_examples_are_short():
     examples = viggo.generate("train", 300, 0)
     words = [len(ex["messages"][1]["content"].split()) for ex in examples]
@@ -287,7 +314,7 @@ def test_from_viggo_row():
     assert _assistant(ex) == ex["answer"] == VIGGO_ROW["meaning_representation"]
     assert ex["act"] == "give_opinion" and ex["id"] == "viggo-train-0"
     assert viggo.score(ex["answer"], ex)["correct"]
-    with pytest.raises(ValueError, match="viggo-train-0"):
+    with pytest.raises(common.TaskError, match="viggo-train-0.*fix or drop that row"):
         tasks.from_viggo_row({**VIGGO_ROW, "meaning_representation": "oops(name[x"})
 
 
@@ -299,6 +326,8 @@ def test_from_gsm8k_row():
     assert "<<" in _assistant(tasks.from_gsm8k_row(GSM8K_ROW, keep_calculator=True))
     assert arithmetic.score(_assistant(ex), ex)["correct"]
     assert tasks.from_gsm8k_row({"question": "q", "answer": "#### 1,200"})["answer"] == "1200"
+    with pytest.raises(common.TaskError, match="without a '####' line.*fix or drop that row"):
+        tasks.from_gsm8k_row({"question": "q", "answer": "no final line"})
 
 
 def test_from_sql_create_context_row():
@@ -340,10 +369,14 @@ def test_load_public_errors_clearly_offline():
     def offline(*args, split):
         raise ConnectionError("Couldn't reach the Hub")
 
-    with pytest.raises(RuntimeError, match="GEM/viggo.*Couldn't reach"):
+    from jaxtune.errors import JaxtuneError
+
+    with pytest.raises(RuntimeError, match="GEM/viggo.*Couldn't reach") as info:
         tasks.load_public("viggo", "train", loader=offline)
-    with pytest.raises(KeyError):
+    assert isinstance(info.value, JaxtuneError)
+    with pytest.raises(KeyError, match="no public dataset for task 'nope'; tasks with one: ") as info:
         tasks.load_public("nope", "train", loader=offline)
+    assert isinstance(info.value, JaxtuneError)
 
 
 # ----------------------------------------------------------------------------- shipped data

@@ -40,7 +40,9 @@ What it guarantees:
 - `restore_latest_valid` walks back from the newest checkpoint: a damaged one (truncated data file,
   missing metadata) is reported with its step and error, the previous one is used, and the damaged
   one is moved to `checkpoints/damaged/N` (kept for inspection, never deleted).
-- A workdir written by a different model or run config is refused (`check_compatible`).
+- A workdir written by a different model or run config is refused (`check_compatible`), naming each
+  key that differs; one written by a jaxtune from before trained weights were float32 master weights
+  (a bfloat16 run's trained leaves stored in bfloat16) is refused naming how to go on from its weights.
 - Restoring takes an abstract state whose leaves carry the target shardings, so a checkpoint written
   on one mesh restores onto another (different device count or layout).
 

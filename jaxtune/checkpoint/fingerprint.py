@@ -1,6 +1,7 @@
 """What a checkpoint was trained for: the run fingerprint stored in every checkpoint's meta, and the
 check that refuses to resume a workdir written by another model or run config (naming each key
-that differs)."""
+that differs), or by a jaxtune from before trained weights were float32 master weights (naming the
+way to continue from its weights)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,30 @@ def _flatten_json(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 _ABSENT = object()
+_NARROW_FLOATS = ("bfloat16", "float16")
+
+
+def narrow_trained_dtype(saved: dict, current: dict) -> str | None:
+    """'bfloat16' / 'float16' when the checkpoint differs from this run only in holding its trained
+    leaves in that dtype where this run keeps float32 master weights (a checkpoint written before
+    jaxtune kept them, whatever model.dtype); else None."""
+    saved_shapes, current_shapes = saved.get("trainable_shapes"), current.get("trainable_shapes")
+    if not (isinstance(saved_shapes, dict) and isinstance(current_shapes, dict)) or \
+            saved_shapes.keys() != current_shapes.keys():
+        return None
+    others = (saved.keys() | current.keys()) - {"trainable_shapes"}
+    if fingerprint_differences({key: saved.get(key) for key in others}, {key: current.get(key) for key in others}):
+        return None
+    narrowed = set()
+    for path, (shape, dtype) in saved_shapes.items():
+        current_shape, current_dtype = current_shapes[path]
+        if shape != current_shape:
+            return None
+        if dtype != current_dtype:
+            if dtype not in _NARROW_FLOATS or current_dtype != "float32":
+                return None
+            narrowed.add(dtype)
+    return narrowed.pop() if len(narrowed) == 1 else None
 
 
 def _describe(value: Any) -> str:
@@ -98,6 +123,17 @@ def check_compatible(meta: dict, fingerprint: dict, directory: str | os.PathLike
     if saved is None:
         raise CheckpointError(f"the checkpoints in {where} carry no config fingerprint, so they cannot be matched "
                               f"to this run: {fix}", path=directory)
+    narrow = narrow_trained_dtype(json_value(saved), json_value(fingerprint))
+    if narrow is not None:
+        workdir = pathlib.Path(where).parent
+        raise CheckpointError(
+            f"the checkpoints in {where} hold the trained weights (and Adam's moments) in {narrow}: they were "
+            f"written by a jaxtune from before trained weights were float32 master weights (whatever model.dtype), "
+            f"and this version cannot resume them. To continue from their weights in a new run (the optimizer "
+            f"state and the lr schedule start afresh): python -m jaxtune.export --workdir={workdir} --format=peft "
+            f"(a LoRA run; then train with --config.lora.init_from=<the folder it writes>) or --format=merged "
+            f"(full fine-tuning; then --config.model.path=<that folder>), with a new --workdir. To resume them as they "
+            f"were, use the jaxtune version that wrote them.", path=directory)
     differences = fingerprint_differences(saved, fingerprint)
     if differences:
         listed = differences[:max_listed] + ([f"... and {len(differences) - max_listed} more"]

@@ -22,7 +22,7 @@ import time
 import jaxtune
 
 from jaxtune import config as config_lib
-from jaxtune import checkpoint, evaluate, lora, loading, metrics, tasks, train
+from jaxtune import checkpoint, evaluate, generate, lora, loading, metrics, tasks, train
 from jaxtune import params as params_lib
 from jaxtune.compare import spectra
 from jaxtune.errors import JaxtuneError
@@ -113,7 +113,7 @@ def base_job(base_dir: pathlib.Path) -> dict:
     spec = read_json(base_dir / BASE_SPEC)
     settings = settings_for(spec)
     model = loading.load(spec["config"]["model"]["path"], revision=spec["config"]["model"]["revision"] or None)
-    evaluate.prompt_template(model.tokenizer, settings.template, "jaxtune.compare", evaluate.TEMPLATE_FIX)
+    generate.prompt_template(model.tokenizer, settings.template, "jaxtune.compare", evaluate.TEMPLATE_FIX)
     prompts, questions = general_inputs(settings)
     key = evaluate.reference_key(spec["config"]["model"]["path"], prompts, questions, settings)
     reference = evaluate.base_reference(model, model.params, prompts, questions, settings,

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jaxtune.data.sources import DataError
 from jaxtune.data.tokenize import TokenizedExample
 
 # Padded batches: rows of one global batch are drawn from windows of this many batches, sorted by
@@ -116,12 +117,15 @@ def plan_rows(examples: Sequence[TokenizedExample], max_len: int, packing: bool)
 
 
 def _check_process(batch_size: int, process_index: int, process_count: int) -> int:
+    """Rows per process. batch_size is train.batch_size (a DataError names the key); the process
+    index and count come from jax.distributed (a ValueError: a bug, not the user's input)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise DataError(f"train.batch_size={batch_size}: must be >= 1")
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
     if batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the process count {process_count}")
+        raise DataError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes, each of "
+                        f"which loads an equal share of every batch: use a multiple of {process_count}")
     return batch_size // process_count
 
 
@@ -136,7 +140,7 @@ class Batcher:
                  seed: int = 0, packing: bool = False, bucket: str | int = "pow2", epochs: int | None = None,
                  process_index: int = 0, process_count: int = 1, group_by_length: bool = True):
         if not examples:
-            raise ValueError("no training examples to batch")
+            raise DataError("no training examples to batch: data.train holds none that tokenize to a trained token")
         self.local_rows = _check_process(batch_size, process_index, process_count)
         bucket_len(1, max_len, bucket)  # validates bucket
         self.examples = examples
@@ -166,13 +170,18 @@ class Batcher:
         return {"epoch": self._epoch, "index": self._index}
 
     def restore(self, state: Mapping) -> None:
+        """Continue at a saved position (a checkpoint's data position); a DataError if it does not
+        fit this data: saved with another training set or batch size."""
         try:
             epoch, index = int(state["epoch"]), int(state["index"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"a Batcher state is {{'epoch': int, 'index': int}}, got {state!r}") from None
+            raise DataError(f"the saved data position {state!r} is not {{'epoch': int, 'index': int}}: the checkpoint's "
+                            f"meta is damaged; resume from another checkpoint or start a new --workdir") from None
         if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
-            raise ValueError(f"Batcher state {state!r} is out of range ({self.steps_per_epoch} steps per epoch); "
-                             f"was it saved with another dataset or batch size?")
+            raise DataError(f"the saved data position {state!r} is out of range for this training data "
+                            f"({self.steps_per_epoch} batches per epoch): the checkpoint was saved with another "
+                            f"data.train, data.max_len / data.packing or train.batch_size; resume with the run's "
+                            f"own settings (its config.json), or train into a new --workdir")
         self._epoch, self._index = (epoch + 1, 0) if index == self.steps_per_epoch else (epoch, index)
 
     def epoch_order(self, epoch: int) -> np.ndarray:

@@ -148,10 +148,15 @@ def resolve_chat_template(tokenizer, template: str) -> str | None:
         if isinstance(chat_template, dict):  # several named templates: the default one renders chats.
             chat_template = chat_template.get("default") or next(iter(chat_template.values()))
         return chat_template
-    if "{%" in template or "{{" in template:
+    if is_jinja_template(template):
         return template
     raise DataError(f"unknown data.template {template!r}: use 'auto' (the tokenizer's chat template), "
                     f"'none' (raw concatenation) or a Jinja chat template string")
+
+
+def is_jinja_template(template: str) -> bool:
+    """Whether a data.template value is a Jinja chat template (not 'auto' / 'none')."""
+    return "{%" in template or "{{" in template
 
 
 def encode(tokenizer, text: str) -> list[int]:

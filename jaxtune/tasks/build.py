@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 
+from jaxtune.errors import JaxtuneError
 from jaxtune.tasks import registry
 
 
@@ -20,7 +22,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="*", default=list(registry.NAMES))
     args = parser.parse_args(argv)
     for task in args.tasks:
-        paths = registry.write_split_files(task, pathlib.Path(args.out) / task, seed=args.seed)
+        try:
+            paths = registry.write_split_files(task, pathlib.Path(args.out) / task, seed=args.seed)
+        except JaxtuneError as e:  # the user can fix it: one message, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         for split, path in paths.items():
             print(f"{task:>10} {split:<10} {path} ({path.stat().st_size} bytes)")
 

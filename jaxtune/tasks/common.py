@@ -8,7 +8,8 @@ Owns the rules every task generator follows:
   the question) and a stable SHA-256 bucket of that key decides which split may hold it
   (80 % train, 10 % validation, 10 % test). A key that belongs to `test` can never be drawn
   for `train`, whatever the seeds;
-* the chat `messages` row format shared with `jaxtune.data`.
+* the chat `messages` row format shared with `jaxtune.data`;
+* `TaskError`, the error of a task request (split, size) or a task row jaxtune cannot use.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import random
 from typing import Callable
+
+from jaxtune.errors import JaxtuneError
 
 SPLITS = ("train", "validation", "test")
 
@@ -26,9 +29,14 @@ _BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 _MAX_DRAWS_PER_EXAMPLE = 200
 
 
+class TaskError(JaxtuneError, ValueError):
+    """A task request (split, number of examples) or a task row that cannot be used; the message
+    names what is wrong and the fix."""
+
+
 def check_split(split: str) -> str:
     if split not in _BUCKETS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise TaskError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     return split
 
 
@@ -69,7 +77,7 @@ def generate_split(task: str, split: str, n: int, seed: int,
     """
     check_split(split)
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise TaskError(f"{task}: asked for {n} {split} examples; the number of examples must be >= 0")
     rng = rng_for(task, split, seed)
     seen: set[str] = set()
     out: list[dict] = []
@@ -77,8 +85,9 @@ def generate_split(task: str, split: str, n: int, seed: int,
     while len(out) < n:
         draws += 1
         if draws > _MAX_DRAWS_PER_EXAMPLE * max(n, 1):
-            raise ValueError(f"{task}: could only draw {len(out)} distinct {split} examples "
-                             f"of the {n} requested")
+            raise TaskError(f"{task}: asked for {n} distinct {split} examples, but {draws - 1:,} draws found only "
+                            f"{len(out)}: the generator's {split} split holds about that many; ask for at most "
+                            f"{len(out)}, or use the public dataset behind the task (jaxtune.tasks.load_public)")
         example = sample(rng)
         k = key(example)
         if k in seen or split_of(task, k) != split:

@@ -19,9 +19,15 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from jaxtune.errors import JaxtuneError, MissingPackageError
 from jaxtune.tasks import arithmetic, common, sql, viggo
+from jaxtune.tasks.registry import UnknownTaskError
 
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
+
+
+class PublicDatasetError(JaxtuneError, RuntimeError):
+    """A public dataset could not be loaded (no network or cache); the message says what works offline."""
 
 
 def from_viggo_row(row: dict) -> dict:
@@ -31,8 +37,8 @@ def from_viggo_row(row: dict) -> dict:
     try:
         act, _ = viggo.parse_mr(mr)
     except viggo.MRError as err:
-        raise ValueError(f"GEM/viggo row {row.get('gem_id', '?')}: bad meaning representation "
-                         f"{mr!r}: {err}") from err
+        raise common.TaskError(f"GEM/viggo row {row.get('gem_id', '?')}: bad meaning representation {mr!r}: {err}; "
+                               f"fix or drop that row (a meaning representation is act(slot[value], ...))") from err
     return {"id": str(row.get("gem_id", "")), "task": viggo.NAME,
             "messages": common.chat(viggo.DESCRIPTION, sentence, mr), "answer": mr, "act": act}
 
@@ -40,7 +46,8 @@ def from_viggo_row(row: dict) -> dict:
 def gsm8k_final_answer(solution: str) -> str:
     """The number after the last `####` of a GSM8K solution, without thousands separators."""
     if "####" not in solution:
-        raise ValueError(f"GSM8K solution without a '####' line: {solution[-80:]!r}")
+        raise common.TaskError(f"GSM8K solution without a '####' line (it ends {solution[-80:]!r}): a gsm8k answer "
+                               f"ends with '#### <number>'; fix or drop that row")
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
@@ -85,8 +92,8 @@ def _default_loader():
     try:
         import datasets
     except ImportError as err:
-        raise RuntimeError("load_public needs the `datasets` package (pip install datasets)") \
-            from err
+        raise MissingPackageError("datasets", "jaxtune.tasks.load_public (the public datasets behind the tasks)",
+                                  cause=err) from err
     return datasets.load_dataset
 
 
@@ -97,7 +104,7 @@ def load_public(name: str, split: str, loader: Callable | None = None) -> list[d
     `loader(hub_id[, config], split=hub_split)`; any iterable of row dicts will do.
     """
     if name not in PUBLIC:
-        raise KeyError(f"no public dataset for task {name!r}; known: {sorted(PUBLIC)}")
+        raise UnknownTaskError(f"no public dataset for task {name!r}; tasks with one: {', '.join(sorted(PUBLIC))}")
     common.check_split(split)
     hub_id, config, mapper, splits = PUBLIC[name]
     hub_split, buckets = splits[split]
@@ -106,7 +113,7 @@ def load_public(name: str, split: str, loader: Callable | None = None) -> list[d
     try:
         rows = loader(*args, split=hub_split)
     except Exception as err:  # network, auth and cache errors come in many types
-        raise RuntimeError(
+        raise PublicDatasetError(
             f"could not load the public dataset {hub_id!r} (split {hub_split!r}) for task "
             f"{name!r}: {type(err).__name__}: {err}. It needs access to the Hugging Face Hub or "
             f"a local datasets cache; the bundled data (jaxtune.tasks.load_examples) works "

@@ -80,7 +80,8 @@ def score_all(task: str | ModuleType, predictions: list[str], examples: list[dic
     boolean / numeric metric over the examples that report it, and the number of errors."""
     module = get(task) if isinstance(task, str) else task
     if len(predictions) != len(examples):
-        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+        raise common.TaskError(f"{len(predictions)} predictions for {len(examples)} examples of task "
+                               f"{module.NAME}: pass one prediction per example, in the examples' order")
     rows = [module.score(p, ex) for p, ex in zip(predictions, examples)]
     out = {"task": module.NAME, "n": len(rows), "accuracy": common.mean(r["correct"] for r in rows)}
     keys = []
