@@ -10,7 +10,8 @@ Like vLLM's `--lora-modules`: `model` in a request is an adapter's name or the b
     GET  /v1/models                    the base and each adapter
     POST /v1/completions               prompt (text, texts, token ids), max_tokens, temperature, top_p,
                                        seed, stop, stream (server-sent events)
-    POST /v1/chat/completions          messages through the tokenizer's chat template; same settings
+    POST /v1/chat/completions          messages rendered as the adapter trained (a jaxtune run's
+                                       data.template; else the tokenizer's chat template); same settings
     POST /v1/load_lora_adapter         {"lora_name": ..., "lora_path": ...}   (vLLM's names and bodies)
     POST /v1/unload_lora_adapter       {"lora_name": ...}
     GET  /v1/stats                     batch sizes, queue depth, requests and tokens served
@@ -46,7 +47,7 @@ import jaxtune
 from jaxtune.engine import CHUNK_TOKENS, Engine, EngineStopped, QueueFull, Request, Result
 from jaxtune.errors import JaxtuneError, MissingPackageError
 from jaxtune.generate import enable_compilation_cache, prompt_ids
-from jaxtune.loading import base_model_path, load
+from jaxtune.loading import adapter_template, base_model_path, load
 from jaxtune.models.llama import LINEAR_TARGETS
 from jaxtune.multi_adapter import AdapterBank, AdapterError, parse_adapter_specs, read_adapter
 
@@ -150,15 +151,16 @@ def message_text(content: Any) -> str:
     raise bad_request("a message's content must be a string or a list of text parts", "messages")
 
 
-def chat_prompt(body: dict, tokenizer) -> list[int]:
-    """`messages` through the tokenizer's chat template, with the assistant's generation prompt."""
+def chat_prompt(body: dict, tokenizer, template: str = "auto") -> list[int]:
+    """`messages` rendered as the adapter trained (`template`, a data.template value: 'auto' = the
+    tokenizer's chat template, 'none' = raw text, or a Jinja template), with what starts an answer."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
     normalised = [{"role": m["role"], "content": message_text(m.get("content", ""))} for m in messages]
     try:
-        [ids] = prompt_ids(tokenizer, [normalised])
+        [ids] = prompt_ids(tokenizer, [normalised], template)
     except Exception as e:  # the template's own refusal (roles out of order, no template, ...)
         raise bad_request(f"the chat template refused these messages: {e}", "messages") from None
     return ids
@@ -305,6 +307,12 @@ class Server:
         raise ApiError(404, f"The model `{name}` does not exist (served: {', '.join(self.model_ids())})",
                        param="model", code="model_not_found")
 
+    def template_of(self, body: dict) -> str:
+        """The data.template the request's model renders chats with: a jaxtune run's own (as it trained),
+        'auto' (the tokenizer's chat template) for the base model and PEFT folders."""
+        adapter = self.adapter_of(body)
+        return "auto" if adapter is None else adapter_template(self.engine.adapters()[adapter])
+
     def model_ids(self) -> list[str]:
         return [self.base_name, *self.engine.adapters()]
 
@@ -422,7 +430,7 @@ def create_app(engine: Engine, base_name: str, max_model_len: int, default_max_t
     @app.post("/v1/chat/completions")
     async def chat_completions(request: fastapi.Request):
         body = await json_body(request)
-        requests = server.requests(body, [chat_prompt(body, server.tokenizer)])
+        requests = server.requests(body, [chat_prompt(body, server.tokenizer, server.template_of(body))])
         ids = response_ids(body["model"], "chatcmpl")
         if body.get("stream"):
             return StreamingResponse(chat_events(ids, await server.stream(requests), stream_options(body)),

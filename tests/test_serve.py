@@ -299,3 +299,30 @@ def test_a_full_queue_answers_429_and_shutdown_503(served):
             assert stopped.value.status_code == 503
     finally:
         other.close()
+
+
+def test_chat_is_rendered_with_the_template_the_adapter_trained_with(tiny_chat_model, adapter_dirs, tmp_path):
+    """A jaxtune run trained with data.template=none gets its chats as raw text (as generate --adapter and
+    evaluate render them); the base model and PEFT folders get the tokenizer's chat template."""
+    import types
+
+    import transformers
+
+    from jaxtune import config as config_lib
+
+    run = tmp_path / "run"
+    run.mkdir()
+    run_config = config_lib.base_config()
+    run_config.data.template = "none"
+    (run / "config.json").write_text(config_lib.to_json(run_config))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_chat_model)
+    engine = types.SimpleNamespace(model=types.SimpleNamespace(tokenizer=tokenizer),
+                                   adapters=lambda: {"raw_run": str(run), "qv": adapter_dirs["qv"]})
+    server = serve.Server(engine, "base", max_model_len=200, default_max_tokens=MAX_TOKENS)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    rendered = {name: serve.chat_prompt({"model": name, "messages": messages}, tokenizer,
+                                        server.template_of({"model": name}))
+                for name in ("base", "qv", "raw_run")}
+    assert rendered["base"] == rendered["qv"] == gen.prompt_ids(tokenizer, [messages], "auto")[0]
+    assert rendered["raw_run"] == gen.prompt_ids(tokenizer, [messages], "none")[0] != rendered["base"]
+    assert "<|im_start|>" not in tokenizer.decode(rendered["raw_run"])
