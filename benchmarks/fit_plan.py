@@ -348,9 +348,9 @@ def main(argv=None) -> int:
                 save_to_cache(case.name, cached)
             if cached is None or cached["fingerprint"] != fingerprint:
                 continue
+            figures = cached.get("compiled", {})
             records.append({"case": case.name, "platform": case.platform, "units": case_units(case, run),
-                            "compiled": cached.get("compiled", {}).get("total"),
-                            "refused_temp": cached.get("refused_temp")})
+                            "compiled": figures.get("total"), "refused_temp": cached.get("refused_temp")})
     missing = len(GRID) - len(records)
     if missing:
         print(f"\n{missing} of {len(GRID)} cases have no compiled figures of today's program (not fitted)")
