@@ -42,10 +42,40 @@ def device_memory_stats(device) -> dict:
         return {}
 
 
+def _status_bytes(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (Linux) in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size: VmHWM on Linux, the high-water mark of this program's own
+    memory. Not getrusage's ru_maxrss, which on Linux also counts the memory of the process it was
+    started from: a child started with fork or vfork + exec inherits the parent's resident size (its peak,
+    under vfork, which Python's subprocess uses), so a run launched from a large Python process reports
+    that process's peak as its own. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak (VmHWM) over from the current resident size, so that `peak_rss_bytes` then measures
+    what follows (Linux: /proc/self/clear_refs, value 5). False where that is not available."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_bytes() -> int:

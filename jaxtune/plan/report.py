@@ -26,6 +26,7 @@ ESTIMATE_LABELS = {
     "lora_dropout_masks": "LoRA dropout copies",
     "logits_cross_entropy": "logits + cross-entropy",
     "batch": "batch",
+    "runtime_scratch": "runtime scratch (XLA:CPU, measured)",
 }
 COMPILED_LABELS = {"argument": "arguments", "output": "outputs", "alias": "aliased (donated state)",
                    "temp": "temporaries"}
