@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
-from jaxtune.compare.figures import evaluated, learning
+from jaxtune.compare.figures import PEAK_RSS_LABEL, evaluated, learning
 
 COLORS = {"lora": "tab:blue", "full": "tab:red", "base": "black"}
 
@@ -145,7 +145,7 @@ def plot_spectra(report: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-COST_BARS = (("tokens_per_s", "tokens/s", 1.0), ("peak_rss_bytes", "peak memory (GB)", 1e9),
+COST_BARS = (("tokens_per_s", "tokens/s", 1.0), ("peak_rss_bytes", f"{PEAK_RSS_LABEL} (GB)", 1e9),
              ("wall_s", "training wall time (s)", 1.0), ("checkpoint_bytes", "checkpoint (MB)", 1e6),
              ("trainable_params", "trainable params (M)", 1e6))
 
