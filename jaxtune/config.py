@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     # same forms; '' = no eval set; `task:NAME` uses its validation split; auto = data.train's
     # validation split when data.train is `task:NAME`, else no eval set
     c.data.eval = AUTO
-    c.data.format = "auto"  # auto | messages | prompt_completion | text
+    c.data.format = "auto"  # auto | messages | prompt_completion (or prompt-completion) | text
     # auto = the tokenizer's chat template; none = raw concatenation; or a Jinja chat template.
     # Evaluation (held-out loss, task prompts, forgetting) renders with the same template.
     c.data.template = "auto"
@@ -283,7 +283,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         need(lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0")
     problems.extend(_lora_variant_problems(lo))
     need(bool(d.train), "data.train is empty: give a JSONL file, hf:NAME:SPLIT or task:NAME")
-    need(d.format in data_lib.FORMATS, f"data.format={d.format!r}: choose one of {', '.join(data_lib.FORMATS)}")
+    need(data_lib.format_name(d.format) is not None,
+         f"data.format={d.format!r}: choose one of {', '.join(data_lib.FORMATS)}")
     need(d.template in ("auto", "none") or data_lib.is_jinja_template(d.template),
          f"data.template={d.template!r}: choose auto (the tokenizer's chat template), none (raw text) "
          f"or a Jinja chat template string")
