@@ -29,12 +29,19 @@ from jaxtune.models.llama import DTYPES, LINEAR_TARGETS, REMAT_POLICIES
 from jaxtune.models.quant import QuantConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
+MIN_MAX_LEN = 8  # data.max_len (and evaluate --max_len): tokens per example, at least
+BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}  # a bool written on a command line
 AUTO = "auto"  # data.eval / train.task: follow data.train when it is `task:NAME`, else none
 TASK_SPEC = "task:"
 
 
 class ConfigError(JaxtuneError, ValueError):
     """A config that cannot run; the message lists every problem and how to fix it."""
+
+
+def parse_bool(text: str) -> bool | None:
+    """A bool as command lines write it (true / false / 1 / 0, any case); None for anything else."""
+    return BOOL_WORDS.get(text.strip().lower())
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -289,7 +296,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
          f"data.template={d.template!r}: choose auto (the tokenizer's chat template), none (raw text) "
          f"or a Jinja chat template string")
     problems.extend(_task_problems(config))
-    need(d.max_len >= 8, f"data.max_len={d.max_len}: must be at least 8 tokens")
+    need(d.max_len >= MIN_MAX_LEN, f"data.max_len={d.max_len}: must be at least {MIN_MAX_LEN} tokens")
     need(o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
     need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
