@@ -374,6 +374,55 @@ def test_without_matplotlib_the_report_is_written_and_says_plots_were_skipped(tm
     assert "<img" not in paths["html"].read_text() and not (tmp_path / "plots").exists()
 
 
+def test_learning_vs_forgetting_labels_overlap_nothing_and_sit_nearest_their_own_point(tmp_path, monkeypatch):
+    """The compare of the README (two arms 0.001 nats apart, two with the same QA kept and accuracy) and
+    an arm exactly on top of another: every label's box is free of the other labels, the other points'
+    markers and the legend, inside its axes, and no other point is nearer to it than its own."""
+    from matplotlib.text import Text
+
+    from jaxtune.compare import plots
+
+    plt = plots.pyplot()
+    rows = [row("lora_r16_lr3e-4", "lora", 3e-4, 0.0, 0.040, qa_kept=0.47),
+            row("full_lr1e-4", "full", 1e-4, 0.021, 0.135, qa_kept=0.35),
+            row("lora_r16_lr1e-3", "lora", 1e-3, 0.021, 0.299, qa_kept=0.35),
+            row("full_lr3e-5", "full", 3e-5, 0.0, 0.041, qa_kept=0.41),
+            row("lora_r16_lr1e-4", "lora", 1e-4, 0.0, 0.040, qa_kept=0.47)]  # on lora_r16_lr3e-4's point
+    base = dict(row("base", "base", None, 0.0, 0.0), method="base model", status="base", qa_kept=1.0)
+    figures.set_learning([base] + rows)
+    report = {"rows": rows, "base": base, "pareto": figures.pareto_front(rows)}
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure to measure it
+    plots.plot_learning_vs_forgetting(report, tmp_path / "plot.png")
+    [fig] = kept
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+
+    def overlap(a, b):
+        return min(a.x1, b.x1) - max(a.x0, b.x0) > 0.5 and min(a.y1, b.y1) - max(a.y0, b.y0) > 0.5
+
+    def distance(box, x, y):
+        return math.hypot(max(box.x0 - x, 0, x - box.x1), max(box.y0 - y, 0, y - box.y1))
+
+    for ax in fig.axes:
+        labels = {text.get_text(): text for text in ax.texts}
+        assert sorted(labels) == sorted([r["name"] for r in rows] + ["base"])
+        boxes = {name: Text.get_window_extent(text, renderer) for name, text in labels.items()}  # without leaders
+        points = {name: ax.transData.transform(text.xy) for name, text in labels.items()}
+        frame = ax.get_window_extent(renderer)
+        legend = ax.get_legend().get_window_extent(renderer) if ax.get_legend() else None
+        for name, box in boxes.items():
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, name
+            assert legend is None or not overlap(box, legend), name
+            for other, other_box in boxes.items():
+                assert other == name or not overlap(box, other_box), (name, other)
+            own = distance(box, *points[name])
+            for other, (x, y) in points.items():
+                assert distance(box, x, y) >= own - 1.0, f"{name}'s label is nearer to {other}'s point"
+                assert other == name or distance(box, x, y) > 4, f"{name}'s label touches {other}'s point"
+    plt.close(fig)
+
+
 def test_verdict_on_lr_sensitivity_and_one_sided_or_diverged_runs():
     rows = [row("l1", "lora", 1e-4, 0.20, 0.01), row("l2", "lora", 1e-3, 0.80, 0.05),
             row("f1", "full", 1e-5, 0.70, 0.1), row("f2", "full", 1e-4, 0.75, 0.2)]
