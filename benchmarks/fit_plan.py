@@ -57,6 +57,7 @@ from jaxtune import hf, sharding  # noqa: E402
 from jaxtune.config import base_config  # noqa: E402
 from jaxtune.plan import compiled as compiled_lib  # noqa: E402
 from jaxtune.plan import estimate, measured, targets  # noqa: E402
+from jaxtune.plan.calibration import ARCHS  # noqa: E402  (tiny-tpu, tiny-cpu: tests/test_plan.py's too)
 from jaxtune.plan.run import Run  # noqa: E402
 from machine_load import load_averages, load_report  # noqa: E402  (benchmarks/, the script's folder)
 
@@ -64,16 +65,6 @@ CACHE = REPO / "benchmarks" / "fit_plan_compiled.json"
 PROGRAM_SOURCES = ("jaxtune/step.py", "jaxtune/models", "jaxtune/state.py", "jaxtune/optim.py", "jaxtune/sharding.py",
                    "jaxtune/params.py", "jaxtune/plan/compiled.py", "jaxtune/plan/run.py")
 
-# A small model with TPU-friendly widths (the TPU tiles arrays in 8 x 128 blocks; narrow heads would be
-# mostly padding, which the estimate does not model): tests/test_plan.py's tiny TPU model.
-TINY_TPU = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
-            "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-            "head_dim": 128, "vocab_size": 8192, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "tie_word_embeddings": False}
-# For XLA:CPU (float32): narrower, so its compiles stay short (tests/test_plan.py's tiny CPU model).
-TINY_CPU = {**TINY_TPU, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 2048}
-ARCHS = {"tiny-tpu": TINY_TPU, "tiny-cpu": TINY_CPU}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,12 +29,19 @@ from jaxtune.models.llama import DTYPES, LINEAR_TARGETS, REMAT_POLICIES
 from jaxtune.models.quant import QuantConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
+MIN_MAX_LEN = 8  # data.max_len (and evaluate --max_len): tokens per example, at least
+BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}  # a bool written on a command line
 AUTO = "auto"  # data.eval / train.task: follow data.train when it is `task:NAME`, else none
 TASK_SPEC = "task:"
 
 
 class ConfigError(JaxtuneError, ValueError):
     """A config that cannot run; the message lists every problem and how to fix it."""
+
+
+def parse_bool(text: str) -> bool | None:
+    """A bool as command lines write it (true / false / 1 / 0, any case); None for anything else."""
+    return BOOL_WORDS.get(text.strip().lower())
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -75,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     # same forms; '' = no eval set; `task:NAME` uses its validation split; auto = data.train's
     # validation split when data.train is `task:NAME`, else no eval set
     c.data.eval = AUTO
-    c.data.format = "auto"  # auto | messages | prompt_completion | text
+    c.data.format = "auto"  # auto | messages | prompt_completion (or prompt-completion) | text
     # auto = the tokenizer's chat template; none = raw concatenation; or a Jinja chat template.
     # Evaluation (held-out loss, task prompts, forgetting) renders with the same template.
     c.data.template = "auto"
@@ -283,12 +290,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         need(lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0")
     problems.extend(_lora_variant_problems(lo))
     need(bool(d.train), "data.train is empty: give a JSONL file, hf:NAME:SPLIT or task:NAME")
-    need(d.format in data_lib.FORMATS, f"data.format={d.format!r}: choose one of {', '.join(data_lib.FORMATS)}")
+    need(data_lib.format_name(d.format) is not None,
+         f"data.format={d.format!r}: choose one of {', '.join(data_lib.FORMATS)}")
     need(d.template in ("auto", "none") or data_lib.is_jinja_template(d.template),
          f"data.template={d.template!r}: choose auto (the tokenizer's chat template), none (raw text) "
          f"or a Jinja chat template string")
     problems.extend(_task_problems(config))
-    need(d.max_len >= 8, f"data.max_len={d.max_len}: must be at least 8 tokens")
+    need(d.max_len >= MIN_MAX_LEN, f"data.max_len={d.max_len}: must be at least {MIN_MAX_LEN} tokens")
     need(o.lr > 0, f"optim.lr={o.lr}: the learning rate must be > 0")
     need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")

@@ -4,7 +4,8 @@ This module owns evaluation of a model, or of a fine-tuned model next to its bas
 
     python -m jaxtune.evaluate --workdir=runs/lora_llama [--step=last|best|N] [--task=viggo]
     python -m jaxtune.evaluate --model=smollm2-135m-instruct [--adapter=PEFT_DIR|WORKDIR] --task=viggo \
-        [--split=test] [--limit=N] [--eval_file=held_out.jsonl] [--out=FILE] [--samples=16] [--dtype=float32]
+        [--split=test] [--limit=N] [--eval_file=held_out.jsonl] [--out=FILE] [--samples=16] [--dtype=float32] \
+        [--max_len=N] [--mask_prompt=true|false]
 
 Sections of the report (WORKDIR/reports/eval_<task>.json by default, plus a table on stdout):
 
@@ -22,8 +23,9 @@ Sections of the report (WORKDIR/reports/eval_<task>.json by default, plus a tabl
 Every prompt and every scored conversation is rendered the way the run trained: with data.template
 (the tokenizer's chat template for `auto`, the raw concatenation of the contents for `none`, or a
 given Jinja template), read from the run's config.json (--workdir, or a run given as --adapter) or
-given with --template. Prompts are rendered by generate.prompt_ids, as `generate --adapter` renders
-them. Task prompts and forgetting prompts need a template: with `auto` and a tokenizer without a chat
+given with --template; the held-out loss tokenizes with the run's data.max_len and data.mask_prompt
+the same way (--max_len, --mask_prompt override them; without a run: 512 and true). Prompts are
+rendered by generate.prompt_ids, as `generate --adapter` renders them. Task prompts and forgetting prompts need a template: with `auto` and a tokenizer without a chat
 template the evaluation stops before it generates or scores anything, with one error naming the fix.
 
 From training, `evaluate_run(model, params, lora_cfg, ...)` runs the same report on in-memory params.
@@ -44,6 +46,7 @@ import sys
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 
 import jaxtune
 
@@ -423,7 +426,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=16, help="generations for distinct-n")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="task answers")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_len", type=int, default=0, help="tokens per example (0 = run's data.max_len or 512)")
+    parser.add_argument("--max_len", type=int, default=0,
+                        help="tokens per example (0 = the run's data.max_len, else 512)")
+    parser.add_argument("--mask_prompt", type=bool_flag, default=None,
+                        help="true: the held-out loss counts the assistant tokens only; false: every token; "
+                        "default: the run's data.mask_prompt, else true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--general_prompts", default=str(GENERAL_PROMPTS), help="JSONL of {\"prompt\": ...} for drift")
     parser.add_argument("--general_questions", default=str(GENERAL_QUESTIONS),
@@ -436,7 +443,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--workdir already names the fine-tuned model: drop --adapter")
     if args.limit < 0 or args.samples < 1:
         parser.error("--limit must be >= 0 and --samples >= 1")
+    if args.max_len < 0 or 0 < args.max_len < config_lib.MIN_MAX_LEN:
+        parser.error(f"--max_len={args.max_len}: give at least {config_lib.MIN_MAX_LEN} tokens (or 0 for the default)")
     return args
+
+
+def bool_flag(text: str) -> bool:
+    """A true/false flag's value (config.parse_bool); argparse names the flag when it is neither."""
+    value = config_lib.parse_bool(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
+    return value
+
+
+def run_config(args: argparse.Namespace) -> ml_collections.ConfigDict | None:
+    """The config of the jaxtune run evaluated (--workdir, or a run given as --adapter), whose train.task,
+    data.eval, data.max_len, data.mask_prompt and data.template are the flags' defaults; None for a PEFT
+    adapter folder or the base model alone."""
+    folder = args.workdir or args.adapter
+    if folder and (pathlib.Path(folder) / workdir_lib.RUN_CONFIG).is_file():
+        return workdir_lib.read_run_config(folder)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,8 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     """The command line's work for parsed `args`: 0, or 2 after printing a usage error."""
     adapter = args.workdir or args.adapter
-    run = workdir_lib.read_run_config(args.workdir) \
-        if args.workdir and (pathlib.Path(args.workdir) / workdir_lib.RUN_CONFIG).exists() else None
+    run = run_config(args)
     if run is None:
         task, eval_file = args.task or None, args.eval_file
     else:
@@ -465,9 +491,10 @@ def run_command(args: argparse.Namespace) -> int:
     settings = Settings(split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed, samples=args.samples,
                         general_prompts=args.general_prompts, general_questions=args.general_questions,
-                        max_len=args.max_len or (int(run.data.max_len) if run is not None else 512),
+                        max_len=args.max_len or (int(run.data.max_len) if run is not None else Settings.max_len),
                         template=args.template or adapter_template(adapter),
-                        mask_prompt=bool(run.data.mask_prompt) if run is not None else True)
+                        mask_prompt=(args.mask_prompt if args.mask_prompt is not None
+                                     else bool(run.data.mask_prompt) if run is not None else Settings.mask_prompt))
     reports = pathlib.Path(args.workdir) / "reports" if args.workdir else \
         (pathlib.Path(args.out).parent if args.out else None)
     if reports is None:

@@ -181,6 +181,44 @@ def test_a_failed_arm_is_reported_and_the_next_arms_still_run(tmp_path, monkeypa
     assert verdict.verdict([failed])["sentences"][0].startswith("a failed: train of ")
 
 
+FAKE_TRAIN = """
+import pathlib, sys
+import numpy as np
+from jaxtune.compare import worker
+
+def fake_run(config, workdir):  # what train.run holds at its peak, here 300 MB touched
+    held = np.ones(300 * 2**20 // 8)
+    del held
+
+worker.train.run = fake_run
+worker.train_arm(pathlib.Path(sys.argv[1]))
+"""
+
+
+def test_a_train_jobs_peak_memory_is_its_own_not_its_parents(tmp_path):
+    """The compare starts each job with subprocess, and a child's getrusage ru_maxrss starts from its
+    parent's resident size (vfork + exec hands the parent's peak over): the job must report the peak of
+    its own process (VmHWM), which covers what train.run held, and not the larger peak of the process
+    that started it."""
+    from jaxtune.compare import run, worker
+    from jaxtune.plan import measured
+
+    config = arms_lib.compare_config()
+    config.compare.arms = "a: mode=lora"
+    [arm] = arms_lib.arm_configs(config)
+    folder = tmp_path / "arms" / "a"
+    run.write_spec(folder / "compare" / worker.ARM_SPEC, run.arm_spec(arm, config), "arm a")
+    parent_peak = 1500 * 2**20  # far above the job's own: Python, jaxtune's imports (~0.2 GB), 300 MB
+    raise_peak = max(0, parent_peak - measured.current_rss_bytes())
+    held = np.ones(raise_peak // 8)  # touched: resident
+    del held
+    assert measured.peak_rss_bytes() >= parent_peak * 0.95
+    subprocess.run([sys.executable, "-c", FAKE_TRAIN, str(folder)], check=True, env=run_env(), timeout=300)
+    record = worker.read_json(folder / "compare" / worker.TRAIN_OUT)
+    assert record["status"] == "finished"
+    assert 300 * 2**20 <= record["peak_rss_bytes"] < 1000 * 2**20, record
+
+
 # ============================================================================================
 # Spectra
 
@@ -266,9 +304,27 @@ def test_verdict_states_a_ratio_only_beyond_noise():
     text = " ".join(out["sentences"])
     assert "LoRA reaches 67% of full's task accuracy (0.600 vs 0.900)" in text
     assert "LoRA's drift from the base model is 0.25x full's (+0.050 vs +0.200 nats)" in text
-    assert "0.33x full's peak memory (2.00 vs 6.00 GB)" in text and "a 40.0 MB vs 1600.0 MB checkpoint" in text
+    assert "0.33x full's training process peak RSS (2.00 vs 6.00 GB)" in text and "a 40.0 MB vs 1600.0 MB checkpoint" in text
     assert "median rank of 200 (of 576)" in text and "at most its rank 16 (measured: 9)" in text
     assert out["figures"]["task_ratio"] == pytest.approx(2 / 3) and out["figures"]["drift_ratio"] == pytest.approx(0.25)
+
+
+def test_the_table_names_what_its_peak_memory_measured_and_shows_device_peaks_only_where_measured():
+    from jaxtune.compare import report
+
+    rows = [row("lora", "lora", 1e-3, 0.6, 0.05, peak_rss_bytes=2.5e9), row("full", "full", 1e-4, 0.7, 0.1)]
+    base = dict(row("base", "base", None, 0.1, 0.0), method="base model", status="base")
+    full = {"tasks": [], "base": base, "rows": rows, "pareto": []}
+    header, cells = report.table(full)
+    assert "training process peak RSS (GB)" in header and not any("device" in h for h in header)
+    assert cells[1][header.index("training process peak RSS (GB)")] == "2.50"
+    for part in ("Linux VmHWM", "the model load", "compiling the train and eval steps", "the held-out evaluations",
+                 "the checkpoint saves", "not the evaluation", "jaxtune.plan's start-up plan"):
+        assert part in report.NOTES, part
+    rows[0]["device_peak_bytes"] = 1.25e9  # a GPU / TPU run
+    header, cells = report.table(full)
+    column = header.index("training process device peak (GB)")
+    assert [c[column] for c in cells] == ["-", "1.25", "-"]
 
 
 def test_verdict_calls_small_differences_ties():
@@ -316,6 +372,55 @@ def test_without_matplotlib_the_report_is_written_and_says_plots_were_skipped(tm
     assert "Plots skipped: matplotlib is not installed" in md and "![" not in md and "| lora" in md
     assert json.loads(paths["json"].read_text())["plots_skipped"].startswith("matplotlib is not installed")
     assert "<img" not in paths["html"].read_text() and not (tmp_path / "plots").exists()
+
+
+def test_learning_vs_forgetting_labels_overlap_nothing_and_sit_nearest_their_own_point(tmp_path, monkeypatch):
+    """The compare of the README (two arms 0.001 nats apart, two with the same QA kept and accuracy) and
+    an arm exactly on top of another: every label's box is free of the other labels, the other points'
+    markers and the legend, inside its axes, and no other point is nearer to it than its own."""
+    from matplotlib.text import Text
+
+    from jaxtune.compare import plots
+
+    plt = plots.pyplot()
+    rows = [row("lora_r16_lr3e-4", "lora", 3e-4, 0.0, 0.040, qa_kept=0.47),
+            row("full_lr1e-4", "full", 1e-4, 0.021, 0.135, qa_kept=0.35),
+            row("lora_r16_lr1e-3", "lora", 1e-3, 0.021, 0.299, qa_kept=0.35),
+            row("full_lr3e-5", "full", 3e-5, 0.0, 0.041, qa_kept=0.41),
+            row("lora_r16_lr1e-4", "lora", 1e-4, 0.0, 0.040, qa_kept=0.47)]  # on lora_r16_lr3e-4's point
+    base = dict(row("base", "base", None, 0.0, 0.0), method="base model", status="base", qa_kept=1.0)
+    figures.set_learning([base] + rows)
+    report = {"rows": rows, "base": base, "pareto": figures.pareto_front(rows)}
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure to measure it
+    plots.plot_learning_vs_forgetting(report, tmp_path / "plot.png")
+    [fig] = kept
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+
+    def overlap(a, b):
+        return min(a.x1, b.x1) - max(a.x0, b.x0) > 0.5 and min(a.y1, b.y1) - max(a.y0, b.y0) > 0.5
+
+    def distance(box, x, y):
+        return math.hypot(max(box.x0 - x, 0, x - box.x1), max(box.y0 - y, 0, y - box.y1))
+
+    for ax in fig.axes:
+        labels = {text.get_text(): text for text in ax.texts}
+        assert sorted(labels) == sorted([r["name"] for r in rows] + ["base"])
+        boxes = {name: Text.get_window_extent(text, renderer) for name, text in labels.items()}  # without leaders
+        points = {name: ax.transData.transform(text.xy) for name, text in labels.items()}
+        frame = ax.get_window_extent(renderer)
+        legend = ax.get_legend().get_window_extent(renderer) if ax.get_legend() else None
+        for name, box in boxes.items():
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, name
+            assert legend is None or not overlap(box, legend), name
+            for other, other_box in boxes.items():
+                assert other == name or not overlap(box, other_box), (name, other)
+            own = distance(box, *points[name])
+            for other, (x, y) in points.items():
+                assert distance(box, x, y) >= own - 1.0, f"{name}'s label is nearer to {other}'s point"
+                assert other == name or distance(box, x, y) > 4, f"{name}'s label touches {other}'s point"
+    plt.close(fig)
 
 
 def test_verdict_on_lr_sensitivity_and_one_sided_or_diverged_runs():

@@ -158,11 +158,35 @@ def test_data_format_and_template_are_validated_by_the_data_package_rules(monkey
     config = load(REPO_ROOT / "configs" / "lora_llama.py", "--config.data.format=chat_jsonl")
     with pytest.raises(config_lib.ConfigError, match=re.escape(f"choose one of {', '.join(data.FORMATS)}")):
         config_lib.validate(config, 1)
-    monkeypatch.setattr(data, "FORMATS", (*data.FORMATS, "chat_jsonl"))
+    monkeypatch.setattr(data, "format_name", lambda name: name)  # data's rule decides, not a copy in config
     config_lib.validate(config, 1)
     config.data.template = "<<custom>>"
     monkeypatch.setattr(data, "is_jinja_template", lambda template: template.startswith("<<"))
     config_lib.validate(config, 1)
+
+
+@pytest.mark.parametrize("name", ["auto", "messages", "prompt_completion", "prompt-completion", "text",
+                                  "chat_jsonl", "Messages", "prompt completion"])
+def test_config_accepts_exactly_the_data_formats_the_data_package_loads(name, tmp_path):
+    """design.md's spelling prompt-completion loads (jaxtune.data), so validation must accept it too."""
+    from jaxtune import data
+
+    file = tmp_path / "train.jsonl"
+    file.write_text(json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n")
+    try:
+        data.load_examples(str(file), name)
+        loads = True
+    except data.DataError as e:  # messages / text refuse this row, but know the format
+        loads = "unknown data format" not in str(e)
+    config = load(REPO_ROOT / "configs" / "lora_llama.py", f"--config.data.format={name}")
+    try:
+        config_lib.validate(config, 1)
+        validates = True
+    except config_lib.ConfigError as e:
+        assert f"data.format={name!r}: choose one of auto, messages, prompt_completion, text" in str(e)
+        validates = False
+    assert validates == loads
+    assert loads == (name in ("auto", "messages", "prompt_completion", "prompt-completion", "text"))
 
 
 def test_a_jinja_chat_template_is_a_valid_data_template():

@@ -315,6 +315,40 @@ def test_a_run_given_as_adapter_is_evaluated_with_its_template(model_folder, cha
     assert json.loads(out.read_text())["settings"]["template"] == "none"
 
 
+def test_max_len_and_mask_prompt_come_from_a_run_given_as_adapter_and_the_flags(model_folder, chat_model, peft_dirs,
+                                                                              tmp_path, capsys):
+    """Without --workdir the held-out loss is computed as the run trained (its data.max_len and
+    data.mask_prompt) when --adapter is a run, and --max_len / --mask_prompt set them for any adapter."""
+    run = fake_run(tmp_path / "run", model_folder, LORA, zero_adapters(chat_model.cfg.replace(lora=LORA)),
+                   data={"max_len": 96, "mask_prompt": False})
+    common = ["--model", str(model_folder), "--task", "arithmetic", "--limit", "2", "--samples", "1",
+              "--max_new_tokens", "2", "--batch_size", "4", *small_general_files(tmp_path)]
+
+    def evaluated(*flags):
+        out = tmp_path / f"eval_{len(list(tmp_path.glob('eval_*.json')))}.json"
+        assert evaluate.main([*common, *flags, "--out", str(out)]) == 0, capsys.readouterr().err
+        report = json.loads(out.read_text())
+        return report["settings"], report["heldout"]["base"]["target_tokens"]
+
+    settings, run_tokens = evaluated("--adapter", str(run))
+    assert (settings["max_len"], settings["mask_prompt"]) == (96, False)
+    settings, masked_tokens = evaluated("--adapter", str(run), "--max_len", "128", "--mask_prompt", "true")
+    assert (settings["max_len"], settings["mask_prompt"]) == (128, True)
+    settings, peft_tokens = evaluated("--adapter", str(peft_dirs["zero"]), "--max_len", "96", "--mask_prompt", "false")
+    assert (settings["max_len"], settings["mask_prompt"]) == (96, False)
+    assert peft_tokens == run_tokens > masked_tokens  # prompt tokens count only without the mask
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--mask_prompt", "maybe"], "argument --mask_prompt: 'maybe': give true or false"),
+    (["--max_len", "4"], "--max_len=4: give at least 8 tokens (or 0 for the default)"),
+])
+def test_bad_max_len_or_mask_prompt_is_one_usage_error_naming_the_flag(flag, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--model", "m", "--task", "arithmetic", *flag])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_generate_without_a_chat_template_is_one_clear_error(no_template_folder, capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--model", str(no_template_folder), "--prompt", "Hi", "--max_new_tokens", "2"])

@@ -20,17 +20,8 @@ from jaxtune import params as params_lib
 from jaxtune.config import base_config
 from jaxtune.models.llama import abstract_params
 from jaxtune.plan import estimate as estimate_lib, run as run_lib, targets
+from jaxtune.plan.calibration import TINY_CPU_ARCH, TINY_TPU_ARCH  # benchmarks/fit_plan.py's tiny models
 
-# Small, but with TPU-friendly widths (the TPU tiles arrays in 8 x 128 blocks; a model with 2 heads of 16
-# would be mostly tile padding, which the estimate does not model) and a vocab small enough that the
-# logits do not dominate. Four layers keep the compile to seconds.
-TINY_ARCH = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
-             "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-             "head_dim": 128, "vocab_size": 8192, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-             "rope_theta": 10000.0, "tie_word_embeddings": False}
-# For the CPU compiler (float32): narrower, so that its compile stays short too.
-TINY_CPU_ARCH = {**TINY_ARCH, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 2048}
 
 # Published parameter counts of the shipped architectures (model cards / safetensors totals).
 PUBLISHED_PARAMS = {
@@ -48,7 +39,7 @@ def arch_folder(tmp_path_factory, arch: dict) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def tiny_arch(tmp_path_factory):
-    return arch_folder(tmp_path_factory, TINY_ARCH)
+    return arch_folder(tmp_path_factory, TINY_TPU_ARCH)
 
 
 @pytest.fixture(scope="module")

@@ -77,9 +77,10 @@ def train_part(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def parse_value(key: str, text: str, default):
     """`text` as the type of the schema's default for `key` (bool: true/false/1/0)."""
     if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
+        value = config_lib.parse_bool(text)
+        if value is None:
             raise CompareConfigError(f"compare.arms: {key}={text!r} must be true or false")
-        return text.lower() in ("true", "1")
+        return value
     try:
         return type(default)(text)
     except ValueError:

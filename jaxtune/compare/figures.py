@@ -4,8 +4,9 @@ A row holds what the table, the plots and the verdict read: method, rank, lr, ta
 task and their mean (`task_score`, over all scored examples), held-out loss (metrics.jsonl's eval at
 the last step), forgetting (drift: loss increase on the base model's own answers to general prompts;
 QA kept: share of the general questions the base answered right that the arm still answers right;
-distinct-2), cost (tokens/s, peak RSS of the training process, wall time, checkpoint bytes,
-trainable parameters) and the weight change's rank for 90% energy (median over matrix types).
+distinct-2), cost (tokens/s, peak RSS of the arm's whole training process and, where the platform
+reports one, its busiest device's peak; wall time, checkpoint bytes, trainable parameters) and the
+weight change's rank for 90% energy (median over matrix types).
 `learning(row)` is what "learned more" means: mean task accuracy, or minus the held-out loss when
 no task is scored or no row answered any task example right (`learning_basis`). `pareto_front(rows)` marks the arms no other arm beats on learning and forgetting.
 """
@@ -13,6 +14,11 @@ no task is scored or no row answered any task example right (`learning_basis`). 
 from __future__ import annotations
 
 import statistics
+
+# What a row's peak_rss_bytes is (jaxtune.compare.worker.train_arm; report.NOTES says what it holds):
+# the table, the cost plot and the verdict name it with these words.
+PEAK_RSS_LABEL = "training process peak RSS"
+DEVICE_PEAK_LABEL = "training process device peak"
 
 
 def median_rate(rates: list[float]) -> float | None:
@@ -41,7 +47,8 @@ def arm_row(name: str, arm: dict) -> dict:
     row = {"name": name, "mode": spec["mode"], "method": method_of(spec),
            "rank": spec["config"]["lora"]["rank"] if spec["mode"] == "lora" else None,
            "lr": spec["config"]["optim"]["lr"], "status": trained["status"], "message": trained.get("message"),
-           "wall_s": trained["wall_s"], "peak_rss_bytes": trained["peak_rss_bytes"], "attempts": trained["attempts"]}
+           "wall_s": trained["wall_s"], "peak_rss_bytes": trained["peak_rss_bytes"],
+           "device_peak_bytes": trained.get("device_peak_bytes"), "attempts": trained["attempts"]}
     if result is None:
         return row
     curves = result["curves"]

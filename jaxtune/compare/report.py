@@ -37,18 +37,21 @@ def _num(value, spec: str, scale: float = 1.0) -> str:
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows of cells): the base model, then every arm ('*' after a name: on the Pareto front)."""
     tasks = report["tasks"]
+    device_peak = any(r.get("device_peak_bytes") for r in report["rows"])  # GPU / TPU runs
     header = (["arm", "method", "lr", "status"] + [f"{t} acc" for t in tasks]
-              + ["held-out loss", "drift (nats)", "general QA kept", "distinct-2", "tokens/s", "peak mem (GB)",
-                 "train wall (s)", "checkpoint (MB)", "trained params (M)", "dW rank90 (median)"])
+              + ["held-out loss", "drift (nats)", "general QA kept", "distinct-2", "tokens/s",
+                 f"{figures.PEAK_RSS_LABEL} (GB)"] + ([f"{figures.DEVICE_PEAK_LABEL} (GB)"] if device_peak else [])
+              + ["train wall (s)", "checkpoint (MB)", "trained params (M)", "dW rank90 (median)"])
     rows = []
     for r in [report["base"]] + report["rows"]:
+        device = [_num(r.get("device_peak_bytes"), ".2f", 1e9)] if device_peak else []
         name = r["name"] + (" *" if r["name"] in report["pareto"] else "")
         status = r["status"] + (f" ({r['attempts']} attempts)" if r.get("attempts", 1) > 1 else "")
         rows.append([name, r["method"], "-" if r["lr"] is None else f"{r['lr']:.0e}", status]
                     + [_num((r.get("task_accuracy") or {}).get(t), ".3f") for t in tasks]
                     + [_num(r.get("heldout_loss"), ".3f"), _num(r.get("drift"), "+.3f"), _num(r.get("qa_kept"), ".2f"),
                        _num(r.get("distinct_2"), ".3f"), _num(r.get("tokens_per_s"), ".0f"),
-                       _num(r.get("peak_rss_bytes"), ".2f", 1e9), _num(r.get("wall_s"), ".0f"),
+                       _num(r.get("peak_rss_bytes"), ".2f", 1e9)] + device + [_num(r.get("wall_s"), ".0f"),
                        _num(r.get("checkpoint_bytes"), ".1f", 1e6), _num(r.get("trainable_params"), ".2f", 1e6),
                        _num(r.get("rank90"), ".0f")])
     return header, rows
@@ -68,8 +71,14 @@ def task_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 NOTES = ("`*` marks the Pareto front (no other arm learned more with less drift). drift: increase of the loss on "
          "the base model's own greedy answers to general prompts; general QA kept: share of the general "
          "questions the base model answered right that the arm still answers right; tokens/s: median over the "
-         "logged windows after the first; peak mem: peak RSS of the arm's training process; dW rank90: rank "
-         "holding 90% of the weight change's energy, median over matrix types.")
+         "logged windows after the first; training process peak RSS: the peak resident memory (Linux VmHWM) of "
+         "the process that trained the arm (python -m jaxtune.compare.worker train; of a resumed arm, the attempt "
+         "that finished), over all of it: Python and "
+         "JAX themselves, the model load, the data, compiling the train and eval steps, the held-out evaluations, "
+         "the training steps and the checkpoint saves (not the evaluation, a process of its own); the train step "
+         "alone is what jaxtune.plan's start-up plan (in the arm's log) estimates; device peak (GPU / TPU only): "
+         "the busiest device's peak allocation in that process; dW rank90: rank holding 90% of the weight "
+         "change's energy, median over matrix types.")
 
 
 def budget(report: dict) -> str:

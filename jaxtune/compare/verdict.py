@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from jaxtune.compare.figures import evaluated, learning
+from jaxtune.compare.figures import PEAK_RSS_LABEL, evaluated, learning
 
 LOSS_NOISE = 0.01  # nats
 
@@ -86,7 +86,7 @@ def cost_sentence(lo: dict, fu: dict, figures: dict) -> str:
     parts = []
     if lo.get("peak_rss_bytes") and fu.get("peak_rss_bytes"):
         figures["memory_ratio"] = lo["peak_rss_bytes"] / fu["peak_rss_bytes"]
-        parts.append(f"{figures['memory_ratio']:.2f}x full's peak memory ({lo['peak_rss_bytes'] / 1e9:.2f} vs "
+        parts.append(f"{figures['memory_ratio']:.2f}x full's {PEAK_RSS_LABEL} ({lo['peak_rss_bytes'] / 1e9:.2f} vs "
                      f"{fu['peak_rss_bytes'] / 1e9:.2f} GB)")
     if lo.get("checkpoint_bytes") and fu.get("checkpoint_bytes"):
         figures["checkpoint_ratio"] = lo["checkpoint_bytes"] / fu["checkpoint_bytes"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import resource
 import sys
 import time
 
@@ -25,6 +24,7 @@ from jaxtune import config as config_lib
 from jaxtune import checkpoint, evaluate, generate, lora, loading, metrics, tasks, train
 from jaxtune import params as params_lib
 from jaxtune.compare import spectra
+from jaxtune.plan import measured
 from jaxtune.errors import JaxtuneError
 
 log = logging.getLogger("jaxtune.compare")
@@ -56,17 +56,17 @@ def settings_for(spec: dict) -> evaluate.Settings:
                              seed=run["train"]["seed"])
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 # ============================================================================================
 # Jobs
 
 
 def train_arm(arm_dir: pathlib.Path) -> dict:
     """jaxtune.train.run on the arm's config (resuming its checkpoint if any); wall time of this
-    attempt, peak RSS of this process; a diverged run is a finished outcome, recorded as such."""
+    attempt and this process's peak memory (measured.measured_peak_memory: its own peak RSS, not its
+    parent's, and the busiest device's peak where the platform reports one): the whole train.run,
+    i.e. model load, data, compiling the train and eval steps, the held-out evaluations, the steps and
+    the checkpoint saves, on top of Python and JAX themselves. A diverged run is a finished outcome,
+    recorded as such."""
     spec = read_json(arm_dir / "compare" / ARM_SPEC)
     config = config_lib.from_json(json.dumps(spec["config"]))
     with open(arm_dir / "compare" / ATTEMPTS, "a") as f:
@@ -80,7 +80,7 @@ def train_arm(arm_dir: pathlib.Path) -> dict:
         status, message = "diverged", str(e)
         log.warning("arm %s diverged: %s", spec["name"], e)
     record = {"status": status, "message": message, "wall_s": time.perf_counter() - start,
-              "peak_rss_bytes": peak_rss_bytes(), "attempts": attempts}
+              **measured.measured_peak_memory(), "attempts": attempts}
     write_json(arm_dir / "compare" / TRAIN_OUT, record)
     return record
 

@@ -18,7 +18,7 @@ transformers tokenizer, never JAX. One module per stage, each importing only the
 
 Of jaxtune it imports only ``jaxtune.errors``, so it sits low in the import layers (with
 ``tasks``, below ``config``): ``config.validate`` checks data.format and data.template with this
-package's ``FORMATS`` and ``is_jinja_template``, the one definition of each.
+package's ``format_name`` and ``is_jinja_template``, the one definition of each.
 
 The names below are the public API: ``from jaxtune import data; data.Batcher(...)``.
 """
@@ -26,14 +26,15 @@ The names below are the public API: ``from jaxtune import data; data.Batcher(...
 from jaxtune.data.batching import (LENGTH_GROUP_BATCHES, Batcher, bucket_len, eval_batches, make_batch,
                                    pack_first_fit, plan_rows)
 from jaxtune.data.pipeline import Datasets, build_datasets
-from jaxtune.data.sources import (FORMAT_HELP, FORMATS, ROLES, DataError, detect_format, load_examples,
-                                  normalise_row, validate_messages)
+from jaxtune.data.sources import (FORMAT_ALIASES, FORMAT_HELP, FORMATS, ROLES, DataError, detect_format,
+                                  format_name, load_examples, normalise_row, validate_messages)
 from jaxtune.data.tokenize import (DataStats, TokenizedExample, chat_ids, encode, encode_many, is_jinja_template,
                                    leading_special_ids, pad_id_for, raw_chat_ids, render, resolve_chat_template,
                                    special_ids, text_ids, tokenize_examples, trained_assistant_turns)
 
 __all__ = [
-    "FORMATS", "FORMAT_HELP", "ROLES", "DataError", "detect_format", "load_examples", "normalise_row",
+    "FORMATS", "FORMAT_ALIASES", "FORMAT_HELP", "ROLES", "DataError", "detect_format", "format_name",
+    "load_examples", "normalise_row",
     "validate_messages",
     "DataStats", "TokenizedExample", "chat_ids", "encode", "encode_many", "is_jinja_template", "leading_special_ids",
     "pad_id_for",

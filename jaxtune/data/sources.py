@@ -30,6 +30,7 @@ from typing import Any
 from jaxtune.errors import JaxtuneError
 
 FORMATS = ("auto", "messages", "prompt_completion", "text")
+FORMAT_ALIASES = {"prompt-completion": "prompt_completion"}  # design.md's (and TRL's docs') spelling
 ROLES = ("system", "user", "assistant")
 FORMAT_HELP = ('one JSON object per line, in one of the formats '
                '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}, '
@@ -40,21 +41,28 @@ class DataError(JaxtuneError, ValueError):
     """Bad training data: the message names the file and line (or dataset row) and the fix."""
 
 
+def format_name(format: str) -> str | None:
+    """The format of FORMATS that `format` names (itself, or the one it is an alias of); None if none.
+    The one rule of which data.format values are accepted: config.validate asks it too."""
+    name = FORMAT_ALIASES.get(format, format)
+    return name if name in FORMATS else None
+
+
 def load_examples(spec: str | Sequence[str], format: str = "auto") -> list[dict]:
     """Loads and validates the examples of one spec (or a list of specs), normalised.
 
     Returns dicts ``{"messages": [{"role", "content"[, "weight"]}...], "source": str}`` or
     ``{"text": str, "source": str}``; ``source`` is ``FILE:LINE`` / ``SPEC row N`` for errors.
     """
-    if format not in FORMATS and format != "prompt-completion":
+    name = format_name(format)
+    if name is None:
         raise DataError(f"unknown data format {format!r}; use one of {', '.join(FORMATS)}")
-    format = "prompt_completion" if format == "prompt-completion" else format
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise DataError("no data source given")
     examples = []
     for one_spec in specs:
-        examples.extend(_load_source(one_spec, format))
+        examples.extend(_load_source(one_spec, name))
     return examples
 
 

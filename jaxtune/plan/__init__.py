@@ -19,7 +19,8 @@ For one run config on one target, per device, the package answers with:
 
 Modules: targets (what a target is), run (what a config trains; its state as shapes), estimate,
 compiled, speed, planner (make_plan, search), report (text, JSON, training's start-up lines),
-measured (what a live process holds and used), cli / __main__ (the command line).
+measured (what a live process holds and used), calibration (the tiny shapes the estimate's constants
+are fitted on), cli / __main__ (the command line).
 """
 
 from jaxtune.plan.compiled import compile_step, jit_train_step
