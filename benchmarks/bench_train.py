@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--model=smollm2-135m-instruct] [--batch=4 --seq=256] \
         [--steps=5 --warmup=1 --repeats=3] [--modes=lora,full,qlora] [--frameworks=jaxtune,hf] \
-        [--threads=2] [--breakdown] [--json=FILE]
+        [--threads=2] [--breakdown] [--profile] [--json=FILE]
 
 Same model (the real weights of --model, float32), same synthetic batch ([batch, seq] random token
 ids, every token real, loss on every position), same optimizer (AdamW b1/b2/eps/lr/weight decay
@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 
+import step_profile
 from machine_load import load_averages, load_report
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--plus_ratio", type=float, default=16.0, help="lora+ mode: lr of B = ratio x lr of A")
     parser.add_argument("--breakdown", action="store_true", help="jaxtune: also time forward/loss/grad pieces")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 2 more steps per run, op by op: matmuls, attention, the rest (step_profile.py)")
     parser.add_argument("--json", default="", help="also write all raw results to this file")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # "framework:mode", internal
     args = parser.parse_args(argv)
@@ -184,6 +187,8 @@ def run_jaxtune(args, mode: str) -> dict:
     if args.breakdown:
         out["breakdown_s"] = jaxtune_breakdown(args, cfg, holder["state"]["params"], frozen, batch, full)
     out["peak_rss_mib"] = peak_rss_mib()
+    if args.profile:  # after the peak RSS: the profiler's own memory is not the step's
+        out["profile"] = step_profile.profile_jax(compiled, one_step)
     return out
 
 
@@ -304,6 +309,8 @@ def run_hf(args, mode: str) -> dict:
     out["step_s"] = timed_steps(one_step, args.steps)
     out["first_loss"] = losses[0] if losses else float("nan")
     out["peak_rss_mib"] = peak_rss_mib()
+    if args.profile:  # after the peak RSS: the profiler's own memory is not the step's
+        out["profile"] = step_profile.profile_torch(one_step)
     return out
 
 
@@ -346,6 +353,8 @@ def summarise(runs: list[dict], tokens_per_step: int) -> dict:
         s["compile_s"] = med("compile_s")
         s["xla_memory_mib"] = ok[0]["xla_memory_mib"]
         s["flops_per_step"] = ok[0]["flops_per_step"]
+    if "profile" in ok[0]:  # the first run's: profiles are shares within one run, not medians
+        s["profile"] = ok[0]["profile"]
     if "breakdown_s" in ok[0]:
         s["breakdown_s"] = {k: statistics.median(r["breakdown_s"][k] for r in ok) for k in ok[0]["breakdown_s"]}
     return s
@@ -404,6 +413,9 @@ def markdown(args, summary: dict, loads: list[float]) -> str:
             for k, v in s["breakdown_s"].items():
                 lines.append(f"| {k} | {v:.3f} |")
             lines.append(f"| full train step | {s['step_s']:.3f} |")
+    profiles = {key: s["profile"] for key, s in summary.items() if s and s.get("profile")}
+    if profiles:
+        lines += step_profile.markdown(profiles)
     return "\n".join(lines)
 
 
