@@ -72,12 +72,22 @@ def best_of(fn, repeats: int) -> float:
 
 def interleaved_best(fns: dict, repeats: int) -> dict:
     """{name: best seconds of fn()} over `repeats` rounds, the fns run in turn each round (after one warm-up call each)."""
+    return {name: wall for name, (wall, _) in interleaved_best_wall_and_cpu(fns, repeats).items()}
+
+
+def interleaved_best_wall_and_cpu(fns: dict, repeats: int) -> dict:
+    """{name: (best wall seconds, best process CPU seconds) of fn()}, interleaved as `interleaved_best`. On
+    a shared machine the CPU time (all threads of this process) is the steadier measure of a variant's
+    work: wall time also counts the time other jobs hold the cores."""
     for fn in fns.values():
         fn()
-    times = {name: float("inf") for name in fns}
+    times = {name: (float("inf"), float("inf")) for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name] = min(times[name], best_of(fn, 1))
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            times[name] = (min(times[name][0], wall), min(times[name][1], cpu))
     return times
 
 
@@ -152,7 +162,7 @@ def bench_decode_steps(model, bank, wide_bank, adapters, names, repeats: int, ch
     tree, lora_cfg = adapters[-1]
     lora_params = params_lib.merge_trees(model.params, tree)
     default_kernel = multi_lora.delta_kernel
-    print(f"\nwhole decode step (ms per step, {chunk} steps per call, best of {repeats}, interleaved), "
+    print(f"\nwhole decode step (ms per step, {chunk} steps per call, best of {repeats}, interleaved; CPU: process CPU time, both threads), "
           f"cache of {cache_len} slots, the first {prompt} filled:")
     for batch in batches:
         rows = [names[i % len(names)] for i in range(batch)]
@@ -194,10 +204,10 @@ def bench_decode_steps(model, bank, wide_bank, adapters, names, repeats: int, ch
             run()  # compile under this variant's kernel
             multi_lora.delta_kernel = default_kernel
             runners[name] = run
-        times = interleaved_best(runners, repeats)
-        for name, seconds in times.items():
+        times = interleaved_best_wall_and_cpu(runners, repeats)
+        for name, (seconds, cpu_seconds) in times.items():
             print(f"  batch {batch:>2}  {name:<28} {seconds / chunk * 1e3:8.1f} ms/step  "
-                  f"{batch * chunk / seconds:7.1f} tokens/s", flush=True)
+                  f"{batch * chunk / seconds:7.1f} tokens/s  (CPU {cpu_seconds / chunk * 1e3:7.1f} ms/step)", flush=True)
         print(f"  (peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)", flush=True)
         del runners
 

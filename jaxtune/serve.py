@@ -1,7 +1,7 @@
 """`python -m jaxtune.serve`: an OpenAI-compatible HTTP server for one base model and many LoRA adapters.
 
     python -m jaxtune.serve --model=smollm2-135m-instruct --adapters=sql=runs/sql,chat=peft/chat \
-        [--host=127.0.0.1 --port=8000] [--max_loras=8 --max_lora_rank=16] [--max_batch=32] \
+        [--host=127.0.0.1 --port=8000] [--max_loras=8 --max_lora_rank=16 --max_lora_columns=128] [--max_batch=32] \
         [--batch_window_ms=10] [--chunk_tokens=8] [--max_queue=256] [--max_model_len=N] [--default_max_tokens=256]
 
 Like vLLM's `--lora-modules`: `model` in a request is an adapter's name or the base model's name
