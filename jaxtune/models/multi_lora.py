@@ -28,14 +28,21 @@ one process at the real model's shapes, and the whole decode step with each):
   * `gathered_delta` (BGMV, Punica's batched gather): gather each row's R columns of A and B, then two
     batched einsums. Its FLOPs are B*T*R*(in + out), independent of how many adapters are loaded, but
     it copies B*R*(in + out) floats per projection and its per-row products are thin.
-`bank_dense` takes all-columns for decoding (one token per row: the gather's copies cost more than
-the extra FLOPs; at batch 64, 8 adapters of ranks 4/8/16 packed into 68 columns) and the gathered
-form for the prefill (many tokens per row share each row's gathered A and B, while all-columns'
-FLOPs grow with C for every token). `benchmarks/bench_serve.py` prints both per projection and in the
-whole decode step. (A `jax.lax.ragged_dot` grouped form, SGMV, was measured here before packing: XLA:CPU
-expands it into dense dots over every group with the other groups' rows masked, plus a sort and a
-scatter, and it was the slowest form in every case, 1.5x to 40x the fastest; it needs a per-slot
-[slots, in, R] layout, which packing removes, so it is gone.)
+`bank_dense` takes all-columns for decoding (one token per row: the gather's copies, in the whole decode
+step, cost more than the extra FLOPs) and the gathered form for the prefill (many tokens per row share
+each row's gathered A and B, while all-columns' FLOPs grow with C for every token: 64 rows x 31 tokens,
+576 -> 1536, 68 columns, 3.1 ms gathered vs 7.5 ms all-columns against 36 ms for x W, process CPU time).
+Measured on SmolLM2-135M, 8 adapters of ranks 4/8/16 (2026-11-30, 2 cores shared with other jobs, load
+average 5-8, so only process CPU time and ratios within one process mean anything): the whole decode
+step at batch 64 cost the base's 249 ms of CPU plus 15% with the packed 68 columns and plus 29% with
+128 columns (8 slots padded to rank 16, about the padded layout this replaced, which also gave the base
+a zero slot: 144 columns); at batch 8, plus 19% and plus 31%. With C = the ranks' sum, the extra is
+about the adapters' share of the step's FLOPs (68 x (in + out) multiply-adds per row and projection: ~15% of
+the step's, head included), so what is
+left is arithmetic, not overhead. (A `jax.lax.ragged_dot` grouped form, SGMV, was measured here before
+packing: XLA:CPU expands it into dense dots over every group with the other groups' rows masked, plus a
+sort and a scatter, and it was the slowest form in every case, 1.5x to 40x the fastest; it needs a
+per-slot [slots, in, R] layout, which packing removes, so it is gone.)
 """
 
 from __future__ import annotations
