@@ -37,12 +37,12 @@ average 5-8, so only process CPU time and ratios within one process mean anythin
 step at batch 64 cost the base's 249 ms of CPU plus 15% with the packed 68 columns and plus 29% with
 128 columns (8 slots padded to rank 16, about the padded layout this replaced, which also gave the base
 a zero slot: 144 columns); at batch 8, plus 19% and plus 31%. With C = the ranks' sum, the extra is
-about the adapters' share of the step's FLOPs (68 x (in + out) multiply-adds per row and projection: ~15% of
-the step's, head included), so what is
-left is arithmetic, not overhead. (A `jax.lax.ragged_dot` grouped form, SGMV, was measured here before
-packing: XLA:CPU expands it into dense dots over every group with the other groups' rows masked, plus a
-sort and a scatter, and it was the slowest form in every case, 1.5x to 40x the fastest; it needs a
-per-slot [slots, in, R] layout, which packing removes, so it is gone.)
+about the adapters' share of the step's FLOPs (68 x (in + out) multiply-adds per row and projection:
+~15% of the step's, head included), so what is left is arithmetic, not overhead. (A `jax.lax.ragged_dot`
+grouped form, SGMV, was measured here before packing: XLA:CPU expands it into dense dots over every
+group with the other groups' rows masked, plus a sort and a scatter, and it was the slowest form in
+every case, 1.5x to 40x the fastest; it needs a per-slot [slots, in, R] layout, which packing removes,
+so it is gone.)
 """
 
 from __future__ import annotations
