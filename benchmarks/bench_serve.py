@@ -7,11 +7,14 @@
 8 LoRA adapters (random, ranks 4/8/16 in turn, all linear targets) over SmolLM2-135M-Instruct, 8
 prompts each (random token ids of prompt_len, EOS off so every row emits exactly new_tokens tokens).
 
-1. The per-row delta kernels of `jaxtune.models.multi_lora` (gathered = BGMV, all slots = one matmul
-   over every slot with the row's own kept, grouped = `ragged_dot` SGMV) and the base matmul x W, at
-   the gate/up projection shape, for 9/17/33 slots, 8 or 64 rows, 1 token (decode) or 31 (prefill).
+1. The per-row delta kernels of `jaxtune.models.multi_lora` (gathered = BGMV, all columns = one matmul
+   over every adapter's packed rank columns with the row's own kept) and the base matmul x W, at the
+   gate/up projection shape, for banks of 68 columns (8 adapters of ranks 4/8/16 packed), 128 (8 x 16)
+   and 256, 8 or 64 rows, 1 token (decode) or 31 (prefill).
 2. One whole decode step (`generate.decode_steps`, chunk_tokens steps per call) at batch 8 and 64:
-   the base alone, one adapter through the ordinary LoRA path, the bank with each kernel.
+   the base alone, one adapter through the ordinary LoRA path, the bank with each kernel, and a bank
+   sized for 8 adapters of the largest rank (8 x 16 = 128 columns, the server's default sizing and the
+   cost of padding every rank to the largest) with all columns.
 3. The same 64 requests served end to end as
   * mixed:            one batch of all 64 rows, each row with its own adapter (jaxtune.multi_adapter);
   * the same, decoded chunk_tokens steps per call (`generate.generate_chunks`, the server's path);
@@ -69,12 +72,22 @@ def best_of(fn, repeats: int) -> float:
 
 def interleaved_best(fns: dict, repeats: int) -> dict:
     """{name: best seconds of fn()} over `repeats` rounds, the fns run in turn each round (after one warm-up call each)."""
+    return {name: wall for name, (wall, _) in interleaved_best_wall_and_cpu(fns, repeats).items()}
+
+
+def interleaved_best_wall_and_cpu(fns: dict, repeats: int) -> dict:
+    """{name: (best wall seconds, best process CPU seconds) of fn()}, interleaved as `interleaved_best`. On
+    a shared machine the CPU time (all threads of this process) is the steadier measure of a variant's
+    work: wall time also counts the time other jobs hold the cores."""
     for fn in fns.values():
         fn()
-    times = {name: float("inf") for name in fns}
+    times = {name: (float("inf"), float("inf")) for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name] = min(times[name], best_of(fn, 1))
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            times[name] = (min(times[name][0], wall), min(times[name][1], cpu))
     return times
 
 
@@ -83,45 +96,57 @@ def forced_kernel(kernel):
     traced while it is set keep it)."""
     from jaxtune.models import multi_lora
 
-    multi_lora.delta_kernel = lambda tokens_per_row, slots: kernel
+    multi_lora.delta_kernel = lambda tokens_per_row: kernel
 
 
 def bench_kernels(repeats: int) -> None:
-    """The per-row delta kernels at SmolLM2's gate/up projection shape (576 -> 1536), rank 16, for
-    several slot counts, batch rows and tokens per row (1: a decode step, 31: a prefill of 32)."""
+    """The per-row delta kernels at SmolLM2's gate/up projection shape (576 -> 1536), for several bank
+    sizes (rank columns), batch rows and tokens per row (1: a decode step, 31: a prefill of 32); 8
+    adapters of ranks 4/8/16 (in turn) over the columns, rows cycling through them and the base."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from jaxtune.models import multi_lora
 
-    rank, d_in, d_out = 16, 576, 1536
-    kernels = {"gathered": multi_lora.gathered_delta, "all slots": multi_lora.all_slots_delta,
-               "grouped": multi_lora.grouped_delta}
-    print(f"per-row LoRA delta, rank {rank}, {d_in} -> {d_out}, float32, ms (best of {max(repeats, 5)}, interleaved); "
+    d_in, d_out, max_rank = 576, 1536, 16
+    ranks = [(4, 8, 16)[i % 3] for i in range(8)]
+    kernels = {"gathered": multi_lora.gathered_delta, "all columns": multi_lora.all_columns_delta}
+    print(f"per-row LoRA delta, {d_in} -> {d_out}, float32, ms (best of {max(repeats, 5)}, interleaved); "
           f"the base matmul x W alone for scale:")
-    print(f"{'slots':>5} {'rows x tokens':>14} " + " ".join(f"{name:>10}" for name in [*kernels, "x W"]))
-    key_a, key_b, key_x, key_r, key_w = jax.random.split(jax.random.key(0), 5)
+    print(f"{'columns':>7} {'rows x tokens':>14} " + " ".join(f"{name:>11}" for name in [*kernels, "x W"]))
+    key_a, key_b, key_x, key_w = jax.random.split(jax.random.key(0), 4)
     w = jax.random.normal(key_w, (d_in, d_out))
-    for slots in (9, 17, 33):
-        a = jax.random.normal(key_a, (d_in, slots, rank))
-        b = jax.random.normal(key_b, (slots, rank, d_out))
+    for columns in (sum(ranks), len(ranks) * max_rank, 256):
+        column_slots = np.full(columns, -1, np.int32)
+        column_slots[:sum(ranks)] = np.repeat(np.arange(1, len(ranks) + 1), ranks)
+        a = jax.random.normal(key_a, (d_in, columns))
+        b = jax.random.normal(key_b, (columns, d_out))
         for rows, tokens in ((8, 1), (64, 1), (8, 31), (64, 31)):
             x = jax.random.normal(key_x, (rows, tokens, d_in))
-            slot_of_row = jax.random.randint(key_r, (rows,), 0, slots)
-            fns = {name: jax.jit(lambda x, a, b, r, f=f: f(x, a, b, r, dtype=jnp.float32)) for name, f in kernels.items()}
-            calls = {name: (lambda fn=fn: fn(x, a, b, slot_of_row).block_until_ready()) for name, fn in fns.items()}
+            slot_of_row = np.arange(rows) % (len(ranks) + 1)
+            row_columns = np.full((rows, max_rank), columns, np.int32)
+            for i, slot in enumerate(slot_of_row):
+                own = np.flatnonzero(column_slots == slot) if slot else []
+                row_columns[i, :len(own)] = own
+            bank = {multi_lora.ROWS: jnp.asarray(slot_of_row, jnp.int32), multi_lora.COLUMNS: jnp.asarray(column_slots),
+                    multi_lora.ROW_COLUMNS: jnp.asarray(row_columns)}
+            fns = {name: jax.jit(lambda x, a, b, bank, f=f: f(x, a, b, bank, dtype=jnp.float32))
+                   for name, f in kernels.items()}
+            calls = {name: (lambda fn=fn: fn(x, a, b, bank).block_until_ready()) for name, fn in fns.items()}
             base = jax.jit(lambda x, w: jnp.dot(x.reshape(-1, d_in), w))
             calls["x W"] = lambda: base(x, w).block_until_ready()
             times = interleaved_best(calls, 3 * max(repeats, 5))
-            print(f"{slots:>5} {rows:>7} x {tokens:<4} " + " ".join(f"{times[name] * 1e3:>10.3f}" for name in calls),
+            print(f"{columns:>7} {rows:>7} x {tokens:<4} " + " ".join(f"{times[name] * 1e3:>11.3f}" for name in calls),
                   flush=True)
 
 
-def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 8, batches=(8, 64),
+def bench_decode_steps(model, bank, wide_bank, adapters, names, repeats: int, chunk: int = 8, batches=(8, 64),
                        only: str = "") -> None:
     """One decode step (`generate.decode_steps`, `chunk` steps per call, caches carried and donated), at
-    batch 8 and 64: the base alone, one adapter through the ordinary LoRA path, and the bank with each
-    per-row kernel (rows cycling through the adapters)."""
+    batch 8 and 64: the base alone, one adapter through the ordinary LoRA path, the bank with each
+    per-row kernel (rows cycling through the adapters), and `wide_bank` (the same adapters in a bank of
+    more columns) with all columns."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -137,14 +162,17 @@ def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 
     tree, lora_cfg = adapters[-1]
     lora_params = params_lib.merge_trees(model.params, tree)
     default_kernel = multi_lora.delta_kernel
-    print(f"\nwhole decode step (ms per step, {chunk} steps per call, best of {repeats}, interleaved), "
+    print(f"\nwhole decode step (ms per step, {chunk} steps per call, best of {repeats}, interleaved; CPU: process CPU time, both threads), "
           f"cache of {cache_len} slots, the first {prompt} filled:")
     for batch in batches:
         rows = [names[i % len(names)] for i in range(batch)]
         variants = {"base, no adapter": (model.params, model.cfg, None),
                     f"one adapter (LoRA r{lora_cfg.rank})": (lora_params, model.cfg.replace(lora=lora_cfg), None),
                     "bank, gathered": (bank.params(model.params, bank.rows(rows)), model.cfg, multi_lora.gathered_delta),
-                    "bank, all slots": (bank.params(model.params, bank.rows(rows)), model.cfg, multi_lora.all_slots_delta)}
+                    f"bank, all {bank.columns} columns": (bank.params(model.params, bank.rows(rows)), model.cfg,
+                                                    multi_lora.all_columns_delta),
+                    f"bank, all {wide_bank.columns} columns": (wide_bank.params(model.params, wide_bank.rows(rows)),
+                                                         model.cfg, multi_lora.all_columns_delta)}
         runners = {}
         for name, (params, cfg, kernel) in variants.items():
             if only and not any(part in name for part in only.split(",")):
@@ -176,10 +204,10 @@ def bench_decode_steps(model, bank, adapters, names, repeats: int, chunk: int = 
             run()  # compile under this variant's kernel
             multi_lora.delta_kernel = default_kernel
             runners[name] = run
-        times = interleaved_best(runners, repeats)
-        for name, seconds in times.items():
+        times = interleaved_best_wall_and_cpu(runners, repeats)
+        for name, (seconds, cpu_seconds) in times.items():
             print(f"  batch {batch:>2}  {name:<28} {seconds / chunk * 1e3:8.1f} ms/step  "
-                  f"{batch * chunk / seconds:7.1f} tokens/s", flush=True)
+                  f"{batch * chunk / seconds:7.1f} tokens/s  (CPU {cpu_seconds / chunk * 1e3:7.1f} ms/step)", flush=True)
         print(f"  (peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)", flush=True)
         del runners
 
@@ -222,14 +250,19 @@ def main(argv=None) -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     adapters = random_adapter_trees(model.cfg, [ranks[i % len(ranks)] for i in range(args.adapters)])
     names = [f"adapter{i}" for i in range(args.adapters)]
-    bank = AdapterBank(model.cfg, capacity=args.adapters + 1, max_rank=max(ranks))
+    # Packed: just the columns the adapters' ranks take (AdapterBank.from_dirs' default sizing).
+    bank = AdapterBank(model.cfg, capacity=args.adapters + 1, max_rank=max(ranks),
+                       columns=sum(cfg.rank for _, cfg in adapters))
     for name, (tree, lora_cfg) in zip(names, adapters):
         bank.add(name, tree, lora_cfg)
     rng = np.random.default_rng(0)
     per_adapter = {name: rng.integers(3, model.cfg.vocab_size, size=(args.prompts_per_adapter, args.prompt_len)).tolist()
                    for name in names}
     if not args.no_steps:
-        bench_decode_steps(model, bank, adapters, names, args.repeats, args.chunk_tokens,
+        wide_bank = AdapterBank(model.cfg, capacity=args.adapters + 1, max_rank=max(ranks))  # every slot at the max rank
+        for name, (tree, lora_cfg) in zip(names, adapters):
+            wide_bank.add(name, tree, lora_cfg)
+        bench_decode_steps(model, bank, wide_bank, adapters, names, args.repeats, args.chunk_tokens,
                            [int(b) for b in args.step_batches.split(",")], args.step_variants)
     if args.steps_only:
         print(load_report(load_start, load_averages()))
@@ -277,18 +310,23 @@ def main(argv=None) -> None:
         run()
         print(f"  warm-up (compile + run) {name}: {time.perf_counter() - started:.1f} s", flush=True)
     times = {name: float("inf") for name in variants}
+    cpu_times = {name: float("inf") for name in variants}  # process CPU time: steadier on a shared machine
     for round_number in range(args.repeats):  # interleaved rounds
         for name, run in variants.items():
+            cpu = time.process_time()
             times[name] = min(times[name], best_of(run, 1))
-            print(f"  round {round_number + 1}: {name:<38} {times[name]:7.2f} s", flush=True)
+            cpu_times[name] = min(cpu_times[name], time.process_time() - cpu)
+            print(f"  round {round_number + 1}: {name:<38} {times[name]:7.2f} s (CPU {cpu_times[name]:7.2f} s)",
+                  flush=True)
     if not args.no_hf:
         times["HF + PEFT, set_adapter per adapter"] = hf_peft_loop(args, model, names, adapters, per_adapter)
 
-    print("\nbest times:")
-    reference = times["one adapter at a time"]
+    print("\nbest times (and the ratio of process CPU times, the steadier one when the machine is shared):")
+    reference, cpu_reference = times["one adapter at a time"], cpu_times["one adapter at a time"]
     for name, seconds in times.items():
+        cpu_ratio = f"  CPU {cpu_reference / cpu_times[name]:5.2f}x" if name in cpu_times else ""
         print(f"  {name:<38} {seconds:7.2f} s  {total_tokens / seconds:8.1f} tokens/s  "
-              f"{reference / seconds:5.2f}x one-at-a-time")
+              f"{reference / seconds:5.2f}x one-at-a-time{cpu_ratio}")
     print(load_report(load_start, load_averages()))
 
 

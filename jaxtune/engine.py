@@ -20,8 +20,9 @@ the new tokens of every row: a row stops at its own max_tokens, at EOS, or befor
 `stop` strings, and its future is resolved then, not when the batch's longest row ends; a request with
 `on_text` (a stream) gets its new text after every chunk (held back while it could still be the start
 of a stop string, or is half of a multi-byte character). The batch ends when every row has stopped.
-Adapters are loaded (files read outside the lock) and unloaded between batches; `stats()` reports
-the batch sizes.
+Adapters are loaded (files read outside the lock) and unloaded between batches, each with the chat
+template its prompts are rendered with (a jaxtune run's data.template, read once when it is loaded);
+`stats()` reports the batch sizes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Callable, Sequence
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.generate import Sampling, default_eos_ids, generate_chunks
+from jaxtune.loading import adapter_template
 from jaxtune.multi_adapter import AdapterBank, AdapterError, read_adapter
 
 log = logging.getLogger("jaxtune.engine")
@@ -94,6 +96,11 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def held_back(text: str, stop: Sequence[str]) -> int:
     """How many characters at the end of `text` could be the start of a stop string (not to stream yet)."""
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def template_of_folder(path: str) -> str:
+    """`loading.adapter_template` of an adapter's folder ('auto' for an adapter added without one)."""
+    return adapter_template(path) if path else "auto"
 
 
 def padded_batch_size(n: int) -> int:
@@ -177,6 +184,8 @@ class Engine:
             raise ValueError(f"max_batch {max_batch}, max_queue {max_queue} and chunk_tokens {chunk_tokens} must be "
                              f">= 1, window_s >= 0")
         self.model, self.bank = model, bank
+        # data.template of each loaded adapter (read from its folder once, here or in load_adapter)
+        self.templates = {name: template_of_folder(path) for name, path in bank.paths.items()}
         self.max_batch, self.window_s, self.chunk_tokens = max_batch, window_s, chunk_tokens
         self.eos_ids = default_eos_ids(model)
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
@@ -228,12 +237,21 @@ class Engine:
         if not pathlib.Path(path).is_dir():
             raise AdapterError(f"lora_path {path!r} is not a folder on the server")
         adapters, lora_cfg = read_adapter(path, self.bank.cfg)  # outside the lock: batches keep running
+        template = template_of_folder(path)
         with self.lock:
             self.bank.add(name, adapters, lora_cfg, path=str(path))
+            self.templates[name] = template
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
             self.bank.remove(name)
+            del self.templates[name]
+
+    def template(self, adapter: str | None) -> str:
+        """The data.template that chats for `adapter` are rendered with ('auto' for the base model, PEFT
+        folders and an adapter unloaded meanwhile, whose request then fails as unknown)."""
+        with self.lock:
+            return self.templates.get(adapter, "auto") if adapter else "auto"
 
     def stats(self) -> dict:
         with self.lock:

@@ -6,16 +6,18 @@
     generate.generate_with_adapters(model, bank, prompts_ids, ["sql", None, "chat"], max_new_tokens=64)
 
 An adapter is a PEFT LoRA folder or a jaxtune LoRA run (workdir, its last checkpoint), each with its
-own rank, alpha, rsLoRA and targets. The bank has `capacity` slots; slot 0 is the base model (all
-zeros), every other slot holds one adapter or zeros. For every linear target in the bank (the union of
-its adapters' targets, or a fixed set for a server that loads adapters later) it stacks
+own rank, alpha, rsLoRA and targets. The bank has `capacity` slots (slot 0 is the base model, every
+other slot names one adapter) and `columns` rank columns shared by them, packed: an adapter of rank r
+takes r free columns, in every target. For every linear target in the bank (the union of its
+adapters' targets, or a fixed set for a server that loads adapters later) it holds
 
-    a [L, in, N, R]  and  b [L, N, R, out] * scaling        (N = capacity, R = max_rank)
+    a [L, in, C]  and  b [L, C, out]      (C = columns; each adapter's scaling folded into its rows of b)
 
-ranks padded to R with zeros (exact), each adapter's scaling folded into its b, zeros for an adapter
-that does not adapt that target. `params(base_params, rows_B)` puts these leaves, and the slot of each
-batch row, next to each target's kernel; `jaxtune.models.multi_lora` computes the per-row delta.
-Adding or removing an adapter writes one slot and keeps every shape, so nothing is recompiled.
+with zeros in free columns and where an adapter does not adapt that target. Ranks are not padded to
+the largest and the base owns no column, so a bank of adapters of ranks 4/8/16 costs what their ranks
+sum to. `params(base_params, rows_B)` puts these leaves next to each target's kernel, with the slot of
+each batch row and the slot of each column; `jaxtune.models.multi_lora` computes the per-row delta.
+Adding or removing an adapter writes its columns and keeps every shape, so nothing is recompiled.
 
 Limits: linear targets only (q/k/v/o/gate/up/down_proj): adapters of embed_tokens or lm_head, and runs
 that added tokens, are refused with an error; every adapter shares the base model's tokenizer.
@@ -38,11 +40,12 @@ from jaxtune import peft as peft_io
 from jaxtune import workdir as workdir_lib
 from jaxtune.errors import JaxtuneError
 from jaxtune.models.llama import ADAPTER_DTYPE, LINEAR_TARGETS, LoRAConfig, ModelConfig
-from jaxtune.models.multi_lora import BANK_A, BANK_B, ROWS
+from jaxtune.models.multi_lora import BANK_A, BANK_B, COLUMNS, ROW_COLUMNS, ROWS
 
 log = logging.getLogger("jaxtune.multi_adapter")
 
 BASE_SLOT = 0
+FREE_COLUMN = -1
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$")
 
 
@@ -94,37 +97,43 @@ def union_targets(configs: Iterable[LoRAConfig]) -> tuple[str, ...]:
 
 class AdapterBank:
     """`capacity` adapter slots (slot 0 = the base) over the model of `cfg`, ranks up to `max_rank`,
-    for `targets` (linear targets). Not thread-safe: one owner (the CLI, or the serving engine)."""
+    `columns` rank columns in all (default: every adapter slot at `max_rank`), for `targets` (linear
+    targets). Not thread-safe: one owner (the CLI, or the serving engine)."""
 
-    def __init__(self, cfg: ModelConfig, capacity: int, max_rank: int, targets: Sequence[str] = LINEAR_TARGETS):
+    def __init__(self, cfg: ModelConfig, capacity: int, max_rank: int, targets: Sequence[str] = LINEAR_TARGETS,
+                 columns: int | None = None):
         unsupported = sorted(set(targets) - set(LINEAR_TARGETS))
         if unsupported:
             raise AdapterError(f"multi-adapter batches adapt linear layers only ({', '.join(LINEAR_TARGETS)}); "
                                f"not {', '.join(unsupported)}: serve such an adapter alone (--adapter=DIR)")
-        if capacity < 2 or max_rank < 1 or not targets:
-            raise AdapterError(f"an adapter bank needs capacity >= 2 (slot 0 is the base), max_rank >= 1 and a "
-                               f"target; got capacity {capacity}, max_rank {max_rank}, targets {tuple(targets)}")
-        self.cfg, self.capacity, self.max_rank = cfg, capacity, max_rank
+        columns = (capacity - 1) * max_rank if columns is None else columns
+        if capacity < 2 or max_rank < 1 or columns < 1 or not targets:
+            raise AdapterError(f"an adapter bank needs capacity >= 2 (slot 0 is the base), max_rank >= 1, columns "
+                               f">= 1 and a target; got capacity {capacity}, max_rank {max_rank}, columns {columns}, "
+                               f"targets {tuple(targets)}")
+        self.cfg, self.capacity, self.max_rank, self.columns = cfg, capacity, max_rank, columns
         self.targets = tuple(t for t in LINEAR_TARGETS if t in targets)
         self.slots: dict[str, int] = {}
         self.configs: dict[str, LoRAConfig] = {}
         self.paths: dict[str, str] = {}
-        shapes = lora.adapter_shapes(cfg.replace(lora=LoRAConfig(rank=max_rank, targets=self.targets)))
+        self.column_slots = np.full(columns, FREE_COLUMN, np.int32)  # the slot owning each column
+        shapes = lora.adapter_shapes(cfg.replace(lora=LoRAConfig(rank=1, targets=self.targets)))
         self.stacks: dict[tuple[str, ...], dict[str, jax.Array]] = {}
         for target in self.targets:
             module = peft_io.adapter_module_path(target)
             a, b = (params_lib.get_leaf(shapes, module + (leaf,)).shape for leaf in ("lora_a", "lora_b"))
-            self.stacks[module] = {BANK_A: jnp.zeros((a[0], a[1], capacity, a[2]), ADAPTER_DTYPE),  # [L, in, N, R]
-                                   BANK_B: jnp.zeros((b[0], capacity, *b[1:]), ADAPTER_DTYPE)}  # [L, N, R, out]
+            self.stacks[module] = {BANK_A: jnp.zeros((a[0], a[1], columns), ADAPTER_DTYPE),  # [L, in, C]
+                                   BANK_B: jnp.zeros((b[0], columns, b[2]), ADAPTER_DTYPE)}  # [L, C, out]
 
     @classmethod
     def from_dirs(cls, cfg: ModelConfig, dirs: Mapping[str, str | pathlib.Path], capacity: int | None = None,
-                  max_rank: int | None = None, targets: Sequence[str] | None = None) -> "AdapterBank":
+                  max_rank: int | None = None, targets: Sequence[str] | None = None,
+                  columns: int | None = None) -> "AdapterBank":
         """A bank holding the adapters of `dirs` ({name: dir}); by default just big enough for them."""
         loaded = {name: read_adapter(path, cfg) for name, path in dirs.items()}
         configs = [lora_cfg for _, lora_cfg in loaded.values()]
         bank = cls(cfg, capacity or len(loaded) + 1, max_rank or max((c.rank for c in configs), default=8),
-                   targets or union_targets(configs) or LINEAR_TARGETS)
+                   targets or union_targets(configs) or LINEAR_TARGETS, columns or sum(c.rank for c in configs) or None)
         for name, (adapters, lora_cfg) in loaded.items():
             bank.add(name, adapters, lora_cfg, path=str(dirs[name]))
         return bank
@@ -146,36 +155,48 @@ class AdapterBank:
         if lora_cfg.rank > self.max_rank:
             raise AdapterError(f"adapter {name!r} has rank {lora_cfg.rank}, above this bank's max rank {self.max_rank} "
                                f"(--max_lora_rank)")
+        free = self.free_columns()
+        if lora_cfg.rank > len(free):
+            raise AdapterError(f"adapter {name!r} needs {lora_cfg.rank} rank columns but {len(free)} of this bank's "
+                               f"{self.columns} are free (the loaded adapters' ranks take the rest): unload one, or "
+                               f"start with more columns (--max_lora_columns)")
         extra = sorted(set(lora_cfg.targets) - set(self.targets))
         if extra:
             raise AdapterError(f"adapter {name!r} adapts {', '.join(extra)}, which this bank does not hold (it holds "
                                f"{', '.join(self.targets)}; embed_tokens / lm_head adapters cannot be batched)")
 
+    def free_columns(self) -> np.ndarray:
+        return np.flatnonzero(self.column_slots == FREE_COLUMN)
+
     def add(self, name: str, adapters: dict, lora_cfg: LoRAConfig, path: str = "") -> int:
-        """Write an adapter (tree of lora_a [L, in, r] / lora_b [L, r, out]) into a free slot -> the slot."""
+        """Write an adapter (tree of lora_a [L, in, r] / lora_b [L, r, out]) into a free slot and the
+        first r free columns -> the slot."""
         self.check_fits(name, lora_cfg)
         slot = min(set(range(1, self.capacity)) - set(self.slots.values()))
-        pad = self.max_rank - lora_cfg.rank
+        columns_r = self.free_columns()[:lora_cfg.rank]
         for module, stack in self.stacks.items():
             if module[-1] not in lora_cfg.targets:
-                continue  # the slot is zero there already (fresh, or zeroed by `remove`)
+                continue  # its columns are zero there already (fresh, or zeroed by `remove`)
             a_LxIxr = np.asarray(params_lib.get_leaf(adapters, module + ("lora_a",)), np.float32)
             b_Lxrxo = np.asarray(params_lib.get_leaf(adapters, module + ("lora_b",)), np.float32) * lora_cfg.scaling
-            stack[BANK_A] = stack[BANK_A].at[:, :, slot].set(np.pad(a_LxIxr, ((0, 0), (0, 0), (0, pad))))
-            stack[BANK_B] = stack[BANK_B].at[:, slot].set(np.pad(b_Lxrxo, ((0, 0), (0, pad), (0, 0))))
+            stack[BANK_A] = stack[BANK_A].at[:, :, columns_r].set(a_LxIxr)
+            stack[BANK_B] = stack[BANK_B].at[:, columns_r].set(b_Lxrxo)
+        self.column_slots[columns_r] = slot
         self.slots[name], self.configs[name], self.paths[name] = slot, lora_cfg, path
         log.info("adapter %r -> slot %d (r=%d, targets %s)", name, slot, lora_cfg.rank, ",".join(lora_cfg.targets))
         return slot
 
     def remove(self, name: str) -> None:
-        """Free an adapter's slot (zeroed, so a later adapter starts from zeros)."""
+        """Free an adapter's slot and columns (zeroed, so a later adapter starts from zeros)."""
         if name not in self.slots:
             raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.slots) or 'none'})")
         slot = self.slots.pop(name)
         del self.configs[name], self.paths[name]
+        columns_r = np.flatnonzero(self.column_slots == slot)
         for stack in self.stacks.values():
-            stack[BANK_A] = stack[BANK_A].at[:, :, slot].set(0.0)
-            stack[BANK_B] = stack[BANK_B].at[:, slot].set(0.0)
+            stack[BANK_A] = stack[BANK_A].at[:, :, columns_r].set(0.0)
+            stack[BANK_B] = stack[BANK_B].at[:, columns_r].set(0.0)
+        self.column_slots[columns_r] = FREE_COLUMN
 
     def rows(self, names: Sequence[str | None]) -> np.ndarray:
         """The slot of each batch row ([B] int32): None (or '') = the base model."""
@@ -185,13 +206,24 @@ class AdapterBank:
                                f"{', '.join(self.slots) or 'none'}")
         return np.asarray([self.slots[n] if n else BASE_SLOT for n in names], np.int32)
 
+    def row_columns(self, rows_B: np.ndarray) -> np.ndarray:
+        """[B, max_rank] int32: each row's columns in order, then `columns` (past the end: none)."""
+        table_BxR = np.full((len(rows_B), self.max_rank), self.columns, np.int32)
+        for b, slot in enumerate(np.asarray(rows_B).tolist()):
+            own = np.flatnonzero(self.column_slots == slot) if slot != BASE_SLOT else ()
+            table_BxR[b, :len(own)] = own
+        return table_BxR
+
     def params(self, base_params: dict, rows_B: np.ndarray) -> dict:
-        """`base_params` with the bank and the rows' slots next to every target kernel (for Llama.apply)."""
+        """`base_params` with the bank, the rows' slots, the columns' slots and each row's columns next to
+        every target kernel (for Llama.apply)."""
+        rows_B = np.asarray(rows_B, np.int32)
+        num_layers = self.cfg.num_layers
+        index_leaves = {ROWS: rows_B, COLUMNS: self.column_slots, ROW_COLUMNS: self.row_columns(rows_B)}
+        per_layer = {leaf: jnp.asarray(np.broadcast_to(value, (num_layers, *value.shape)))
+                     for leaf, value in index_leaves.items()}
         bank_tree: dict = {}
         for module, stack in self.stacks.items():
-            num_layers = stack[BANK_A].shape[0]
-            for leaf, value in stack.items():
+            for leaf, value in {**stack, **per_layer}.items():
                 params_lib.set_leaf(bank_tree, module + (leaf,), value)
-            params_lib.set_leaf(bank_tree, module + (ROWS,),
-                                jnp.asarray(np.broadcast_to(np.asarray(rows_B, np.int32), (num_layers, len(rows_B)))))
         return params_lib.merge_trees(base_params, bank_tree)

@@ -1,7 +1,7 @@
 """`python -m jaxtune.serve`: an OpenAI-compatible HTTP server for one base model and many LoRA adapters.
 
     python -m jaxtune.serve --model=smollm2-135m-instruct --adapters=sql=runs/sql,chat=peft/chat \
-        [--host=127.0.0.1 --port=8000] [--max_loras=8 --max_lora_rank=16] [--max_batch=32] \
+        [--host=127.0.0.1 --port=8000] [--max_loras=8 --max_lora_rank=16 --max_lora_columns=128] [--max_batch=32] \
         [--batch_window_ms=10] [--chunk_tokens=8] [--max_queue=256] [--max_model_len=N] [--default_max_tokens=256]
 
 Like vLLM's `--lora-modules`: `model` in a request is an adapter's name or the base model's name
@@ -47,7 +47,7 @@ import jaxtune
 from jaxtune.engine import CHUNK_TOKENS, Engine, EngineStopped, QueueFull, Request, Result
 from jaxtune.errors import JaxtuneError, MissingPackageError
 from jaxtune.generate import enable_compilation_cache, prompt_ids
-from jaxtune.loading import adapter_template, base_model_path, load
+from jaxtune.loading import base_model_path, load
 from jaxtune.models.llama import LINEAR_TARGETS
 from jaxtune.multi_adapter import AdapterBank, AdapterError, parse_adapter_specs, read_adapter
 
@@ -309,9 +309,9 @@ class Server:
 
     def template_of(self, body: dict) -> str:
         """The data.template the request's model renders chats with: a jaxtune run's own (as it trained),
-        'auto' (the tokenizer's chat template) for the base model and PEFT folders."""
-        adapter = self.adapter_of(body)
-        return "auto" if adapter is None else adapter_template(self.engine.adapters()[adapter])
+        'auto' (the tokenizer's chat template) for the base model and PEFT folders; the engine read it
+        when the adapter was loaded."""
+        return self.engine.template(self.adapter_of(body))
 
     def model_ids(self) -> list[str]:
         return [self.base_name, *self.engine.adapters()]
@@ -491,6 +491,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max_loras", type=int, default=None, help="adapter slots (default: the adapters given + 4)")
     parser.add_argument("--max_lora_rank", type=int, default=None,
                         help="largest rank loadable (default: 16, or the largest given)")
+    parser.add_argument("--max_lora_columns", type=int, default=None,
+                        help="rank columns shared by all adapters, packed (an adapter of rank r takes r; every row "
+                             "of a decode step pays for all of them; default: max_loras x max_lora_rank)")
     parser.add_argument("--max_batch", type=int, default=32, help="requests per batch at most")
     parser.add_argument("--batch_window_ms", type=float, default=10.0, help="how long a batch waits for more requests")
     parser.add_argument("--chunk_tokens", type=int, default=CHUNK_TOKENS,
@@ -519,7 +522,7 @@ def build(args: argparse.Namespace) -> tuple[Engine, str, int]:
     loaded = {name: read_adapter(path, model.cfg) for name, path in dirs.items()}
     max_rank = args.max_lora_rank or max([16, *(cfg.rank for _, cfg in loaded.values())])
     bank = AdapterBank(model.cfg, capacity=1 + (args.max_loras or len(dirs) + 4), max_rank=max_rank,
-                       targets=LINEAR_TARGETS)
+                       targets=LINEAR_TARGETS, columns=args.max_lora_columns)
     for name, (adapters, lora_cfg) in loaded.items():
         bank.add(name, adapters, lora_cfg, path=dirs[name])
     engine = Engine(model, bank, max_batch=args.max_batch, window_s=args.batch_window_ms / 1e3,

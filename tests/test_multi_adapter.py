@@ -77,32 +77,43 @@ def ragged_prompts(n, seed=0, vocab=256):
 
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_every_delta_kernel_equals_the_per_row_product(tokens):
+    """Packed columns: adapter 1 owns columns 3, 0 (rank 2), adapter 2 columns 1, 4, 6 (rank 3), adapter 3
+    column 5; column 2 is free (zeros). Rows of the base (slot 0) own none."""
     key_x, key_a, key_b = jax.random.split(jax.random.key(0), 3)
     x_BxTxI = jax.random.normal(key_x, (6, tokens, 16))
-    a_IxNxR = jax.random.normal(key_a, (16, 4, 5)).at[:, 0].set(0.0)  # the bank's layout: [in, slots, rank]
-    b_NxRxO = jax.random.normal(key_b, (4, 5, 12)).at[0].set(0.0)
-    rows_B = jnp.array([2, 0, 3, 2, 1, 0], jnp.int32)
-    want = np.stack([np.asarray(x_BxTxI[b] @ a_IxNxR[:, r] @ b_NxRxO[r]) for b, r in enumerate(rows_B.tolist())])
-    for delta in (multi_lora.gathered_delta, multi_lora.all_slots_delta, multi_lora.grouped_delta):
-        got = jax.jit(lambda *args: delta(*args, dtype=jnp.float32))(x_BxTxI, a_IxNxR, b_NxRxO, rows_B)
+    columns_C = np.array([1, 2, -1, 1, 2, 3, 2], np.int32)
+    a_IxC = jax.random.normal(key_a, (16, 7)).at[:, 2].set(0.0)
+    b_CxO = jax.random.normal(key_b, (7, 12)).at[2].set(0.0)
+    rows_B = np.array([2, 0, 3, 2, 1, 0], np.int32)
+    row_columns_BxR = np.full((6, 3), 7, np.int32)
+    for b, slot in enumerate(rows_B):
+        own = np.flatnonzero(columns_C == slot) if slot else []
+        row_columns_BxR[b, :len(own)] = own
+    bank = {multi_lora.ROWS: jnp.asarray(rows_B), multi_lora.COLUMNS: jnp.asarray(columns_C),
+            multi_lora.ROW_COLUMNS: jnp.asarray(row_columns_BxR)}
+    want = np.stack([np.asarray(x_BxTxI[b] @ a_IxC[:, columns_C == r] @ b_CxO[columns_C == r])
+                     for b, r in enumerate(rows_B.tolist())])
+    for delta in (multi_lora.gathered_delta, multi_lora.all_columns_delta):
+        got = jax.jit(lambda *args: delta(*args, dtype=jnp.float32))(x_BxTxI, a_IxC, b_CxO, bank)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=delta.__name__)
     assert not np.asarray(want[1]).any() and not np.asarray(want[5]).any()  # slot 0: the base, no delta
+    assert np.asarray(want[2]).any()
 
 
-def test_decoding_takes_the_all_slots_kernel_and_prefill_the_gathered_one():
-    assert multi_lora.delta_kernel(1, 9) is multi_lora.all_slots_delta
-    assert multi_lora.delta_kernel(31, 9) is multi_lora.gathered_delta
+def test_decoding_takes_the_all_columns_kernel_and_prefill_the_gathered_one():
+    assert multi_lora.delta_kernel(1) is multi_lora.all_columns_delta
+    assert multi_lora.delta_kernel(31) is multi_lora.gathered_delta
 
 
 # --------------------------------------------------------------------------------------------
 # The bank against PEFT and against one adapter at a time
 
 
-@pytest.fixture(params=["gathered_delta", "all_slots_delta"])
+@pytest.fixture(params=["gathered_delta", "all_columns_delta"])
 def kernel(request, monkeypatch):
     """Every bank layer computes its delta with this kernel, whatever the shapes (programs retraced)."""
     chosen = getattr(multi_lora, request.param)
-    monkeypatch.setattr(multi_lora, "delta_kernel", lambda tokens_per_row, slots: chosen)
+    monkeypatch.setattr(multi_lora, "delta_kernel", lambda tokens_per_row: chosen)
     jax.clear_caches()
     yield chosen
     jax.clear_caches()
@@ -113,6 +124,7 @@ def test_mixed_batch_logits_equal_peft_for_each_rows_adapter(tiny, kernel):
     model = api.load(str(folder), with_tokenizer=False)
     bank = bank_of(model, adapters)
     assert bank.max_rank == 8 and bank.targets == tuple(ADAPTERS["all"][2])
+    assert bank.columns == sum(spec[0] for spec in ADAPTERS.values())  # packed: the ranks' sum, no padding
     tokens = np.random.default_rng(1).integers(3, 256, size=(len(ROW_ADAPTERS), 9)).astype(np.int32)
     ours = api.logits(model, tokens, params=bank.params(model.params, bank.rows(ROW_ADAPTERS)))
     for row, name in enumerate(ROW_ADAPTERS):
@@ -195,6 +207,33 @@ def test_load_and_unload_keep_shapes_and_free_slots(tiny):
     assert bank.add("c", qv_tree, qv_cfg) == 1  # the freed slot, zeroed first: c's rows equal b's
     assert (gen.generate_with_adapters(model, bank, prompts, ["c", "c"], 6, eos_ids=[])
             == gen.generate_with_adapters(model, bank, prompts, ["b", "b"], 6, eos_ids=[]))
+
+
+def test_ranks_are_packed_into_the_banks_columns(tiny):
+    """An adapter takes as many columns as its rank, wherever they are free (after an unload, in pieces);
+    the bank refuses one whose rank does not fit in the free columns, and rows still equal each adapter."""
+    folder, _, adapters = tiny
+    model = api.load(str(folder), with_tokenizer=False)
+    trees = {name: peft_io.load_peft_adapter(adapters[name][0], model.cfg) for name in ("qv", "all", "mlp")}
+    bank = AdapterBank(model.cfg, capacity=5, max_rank=8, columns=12)  # qv r2, all r8, mlp r4
+    bank.add("qv", *trees["qv"])
+    bank.add("all", *trees["all"])
+    assert bank.column_slots.tolist() == [1] * 2 + [2] * 8 + [-1] * 2
+    with pytest.raises(AdapterError, match="needs 4 rank columns but 2 of this bank's 12 are free"):
+        bank.add("mlp", *trees["mlp"])
+    bank.remove("qv")
+    bank.add("mlp", *trees["mlp"])  # columns 0, 1 (qv's) and 10, 11: not adjacent
+    assert bank.column_slots.tolist() == [1] * 2 + [2] * 8 + [1] * 2
+    assert bank.row_columns(bank.rows(["mlp", None])).tolist() == [[0, 1, 10, 11] + [12] * 4, [12] * 8]
+    prompts = ragged_prompts(4, seed=11)
+    names = ["mlp", "all", None, "mlp"]
+    mixed = gen.generate_with_adapters(model, bank, prompts, names, 6, eos_ids=[])
+    for name in ("mlp", "all"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        tree, lora_cfg = trees[name]
+        alone = gen.generate(model, [prompts[i] for i in rows], 6, eos_ids=[],
+                             params=params_lib.merge_trees(model.params, tree), lora=lora_cfg)
+        assert [mixed[i] for i in rows] == alone, name
 
 
 def test_bank_refusals_name_the_fix(tiny, tmp_path):

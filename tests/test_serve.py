@@ -301,24 +301,30 @@ def test_a_full_queue_answers_429_and_shutdown_503(served):
         other.close()
 
 
-def test_chat_is_rendered_with_the_template_the_adapter_trained_with(tiny_chat_model, adapter_dirs, tmp_path):
+def test_chat_is_rendered_with_the_template_the_adapter_trained_with(served, adapter_dirs, tmp_path, monkeypatch):
     """A jaxtune run trained with data.template=none gets its chats as raw text (as generate --adapter and
-    evaluate render them); the base model and PEFT folders get the tokenizer's chat template."""
-    import types
-
-    import transformers
-
+    evaluate render them); the base model and PEFT folders get the tokenizer's chat template. The run's
+    config.json is read once, when the adapter is loaded, not on every request; unloading forgets it."""
     from jaxtune import config as config_lib
+    from jaxtune import peft as peft_io
+    from jaxtune.multi_adapter import AdapterBank
 
+    model = served.engine.model
     run = tmp_path / "run"
     run.mkdir()
     run_config = config_lib.base_config()
     run_config.data.template = "none"
     (run / "config.json").write_text(config_lib.to_json(run_config))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_chat_model)
-    engine = types.SimpleNamespace(model=types.SimpleNamespace(tokenizer=tokenizer),
-                                   adapters=lambda: {"raw_run": str(run), "qv": adapter_dirs["qv"]})
+    # The run's weights: the qv PEFT adapter's (the run folder holds only its config here).
+    monkeypatch.setattr(engine_lib, "read_adapter",
+                        lambda path, cfg: peft_io.load_peft_adapter(adapter_dirs["qv"], cfg))
+    bank = AdapterBank(model.cfg, capacity=3, max_rank=8)
+    engine = engine_lib.Engine(model, bank)  # not started: only its adapters are used here
+    engine.load_adapter("raw_run", str(run))
+    engine.load_adapter("qv", adapter_dirs["qv"])
+    (run / "config.json").unlink()  # read once: requests no longer need it
     server = serve.Server(engine, "base", max_model_len=200, default_max_tokens=MAX_TOKENS)
+    tokenizer = model.tokenizer
     messages = [{"role": "user", "content": "Name a colour."}]
     rendered = {name: serve.chat_prompt({"model": name, "messages": messages}, tokenizer,
                                         server.template_of({"model": name}))
@@ -326,3 +332,7 @@ def test_chat_is_rendered_with_the_template_the_adapter_trained_with(tiny_chat_m
     assert rendered["base"] == rendered["qv"] == gen.prompt_ids(tokenizer, [messages], "auto")[0]
     assert rendered["raw_run"] == gen.prompt_ids(tokenizer, [messages], "none")[0] != rendered["base"]
     assert "<|im_start|>" not in tokenizer.decode(rendered["raw_run"])
+    engine.unload_adapter("raw_run")
+    assert engine.templates == {"qv": "auto"}
+    with pytest.raises(serve.ApiError, match="does not exist"):
+        server.template_of({"model": "raw_run"})

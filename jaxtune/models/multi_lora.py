@@ -2,51 +2,53 @@
 
 A Linear whose params carry an adapter bank (`jaxtune.multi_adapter` builds it) computes
 
-    y[b] = x[b] W (+ bias) + x[b] A[rows[b]] B[rows[b]]
+    y[b] = x[b] W (+ bias) + x[b] A[:, cols(b)] B[cols(b), :]
 
-without ever forming a per-row weight matrix W + A B. The bank holds N adapter slots, ranks padded
-with zeros to the largest rank R (exact: a zero column of A times a zero row of B adds nothing) and
-each adapter's scaling folded into its B; slot 0 is all zeros (the base model, no adapter). Its leaves,
-next to the Linear's `kernel`:
+without ever forming a per-row weight matrix W + A B. The bank packs every adapter's rank components
+side by side as columns: an adapter of rank r owns r of the bank's C rank columns (any r, not
+necessarily adjacent), its scaling folded into its rows of B. No rank is padded to the largest and
+the base model owns no column (rows of the base select none), so C is the sum of the loaded ranks
+(plus free columns, zero, for adapters loaded later). Its leaves, next to the Linear's `kernel`:
 
-    lora_bank_a [in, N, R]     lora_bank_b [N, R, out]     lora_rows [B] int32 (the slot of each row)
+    lora_bank_a [in, C]       lora_bank_b [C, out]
+    lora_rows [B] int32           the adapter slot of each row (0: the base model)
+    lora_columns [C] int32        the slot owning each column (-1: free)
+    lora_row_columns [B, R] int32 each row's columns in order, then C (none) up to the bank's max rank R
 
-(each with a leading layer axis L under the scanned `model/layers`). A is laid out [in, N, R] so that
-it is, without a copy, the [in, N*R] matrix of `all_slots_delta`; B [N, R, out] is [N*R, out] as it is.
-`lora_rows` is an input of the compiled program like the tokens, so one program serves every mix of
-adapters in a batch.
+(each with a leading layer axis L under the scanned `model/layers`). The three index leaves are inputs
+of the compiled program like the tokens, so one program serves every mix of adapters in a batch.
 
-Three ways to compute the delta, all here and tested equal (`benchmarks/bench_serve.py` measures them
-in one process at the real model's shapes, and the whole decode step with each):
-  * `all_slots_delta`: x [B*T, in] @ A [in, N*R] -> every slot's h at once, each row keeps its own
-    slot's R columns (the others are multiplied by 0), then @ B [N*R, out]. Two plain 2-D matmuls: it
-    reads each slot's A and B once per step, whatever the batch, and its FLOPs are N times those of
-    one adapter per row (B*T*N*R*(in + out) multiply-adds).
-  * `gathered_delta` (BGMV, Punica's batched gather): gather each row's A and B, then two batched
-    einsums. Its FLOPs do not grow with N, but it copies B*R*(in + out) floats per layer and step, and
-    its per-row products are matrix-vector products when T is 1.
-  * `grouped_delta` (SGMV, S-LoRA/Punica's segmented matmul): sort the rows by slot and run
-    `jax.lax.ragged_dot` over the N groups, then unsort. XLA:CPU has no grouped matmul: `ragged_dot` is
-    expanded into dense dots over all N groups with the other groups' rows masked out, so its cost is
-    all-slots' FLOPs on T*B*N rows plus a sort and a scatter back: the slowest form in every case
-    measured on this CPU (1.5x to 40x the fastest). It stays as the measured alternative for an
-    accelerator with a native grouped matmul (TPU megablox, GPU Punica-style kernels).
-`bank_dense` takes all-slots while tokens per row x slots <= ALL_SLOTS_MAX_TOKEN_SLOTS (decoding, one
-token per row, with up to 64 slots), else the gathered form (prefill: many tokens per row share each
-gathered A and B, while all-slots' FLOPs would be N times the adapter's). Measured on this 2-core CPU
-(2026-11-30, machine loaded: load average 4 to 25, so only ratios within one process are meaningful),
-gate/up shape, rank 16, 9 slots: decode, 8 rows x 1 token, the two were even in isolation (0.15 ms)
-and 64 x 1 all-slots 0.54 ms vs gathered 0.66 ms; prefill 8 x 31 gathered 0.48 ms vs all-slots
-1.6 ms. What decides decoding is the whole step, where the gather's copies compete with the base
-weights for memory bandwidth: at batch 8 a step took 257 ms with all-slots and 332 ms gathered
-(base alone 195 ms, one adapter through the ordinary LoRA path 194 ms).
+Two ways to compute the delta, both here and tested equal (`benchmarks/bench_serve.py` measures them in
+one process at the real model's shapes, and the whole decode step with each):
+  * `all_columns_delta`: x [B*T, in] @ A [in, C] -> every adapter's h at once, each row keeping its
+    own columns (the others multiplied by 0), then @ B [C, out]. Two plain 2-D matmuls that read the
+    bank once per step whatever the batch; their FLOPs are B*T*C*(in + out): every row pays for the
+    sum of the ranks, so packing (C = the sum of the ranks, not slots x the largest rank) is what keeps
+    it cheap.
+  * `gathered_delta` (BGMV, Punica's batched gather): gather each row's R columns of A and B, then two
+    batched einsums. Its FLOPs are B*T*R*(in + out), independent of how many adapters are loaded, but
+    it copies B*R*(in + out) floats per projection and its per-row products are thin.
+`bank_dense` takes all-columns for decoding (one token per row: the gather's copies, in the whole decode
+step, cost more than the extra FLOPs) and the gathered form for the prefill (many tokens per row share
+each row's gathered A and B, while all-columns' FLOPs grow with C for every token: 64 rows x 31 tokens,
+576 -> 1536, 68 columns, 3.1 ms gathered vs 7.5 ms all-columns against 36 ms for x W, process CPU time).
+Measured on SmolLM2-135M, 8 adapters of ranks 4/8/16 (2026-11-30, 2 cores shared with other jobs, load
+average 5-8, so only process CPU time and ratios within one process mean anything): the whole decode
+step at batch 64 cost the base's 249 ms of CPU plus 15% with the packed 68 columns and plus 29% with
+128 columns (8 slots padded to rank 16, about the padded layout this replaced, which also gave the base
+a zero slot: 144 columns); at batch 8, plus 19% and plus 31%. With C = the ranks' sum, the extra is
+about the adapters' share of the step's FLOPs (68 x (in + out) multiply-adds per row and projection:
+~15% of the step's, head included), so what is left is arithmetic, not overhead. (A `jax.lax.ragged_dot`
+grouped form, SGMV, was measured here before packing: XLA:CPU expands it into dense dots over every
+group with the other groups' rows masked, plus a sort and a scatter, and it was the slowest form in
+every case, 1.5x to 40x the fastest; it needs a per-slot [slots, in, R] layout, which packing removes,
+so it is gone.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from jaxtune.models.kernels import dense
@@ -54,50 +56,42 @@ from jaxtune.models.kernels import dense
 BANK_A = "lora_bank_a"
 BANK_B = "lora_bank_b"
 ROWS = "lora_rows"
-ALL_SLOTS_MAX_TOKEN_SLOTS = 16
+COLUMNS = "lora_columns"
+ROW_COLUMNS = "lora_row_columns"
+INDEX_LEAVES = (ROWS, COLUMNS, ROW_COLUMNS)
 
 
-def gathered_delta(x_BxTxI, a_IxNxR, b_NxRxO, rows_B, *, dtype: Any):
-    """BGMV: x[b] A[rows[b]] B[rows[b]] for every row b, each row's A and B gathered -> [B, T, out]."""
-    a_IxBxR = jnp.take(a_IxNxR, rows_B, axis=1).astype(dtype)
-    b_BxRxO = jnp.take(b_NxRxO, rows_B, axis=0).astype(dtype)
+def own_columns(rows_B, columns_C, dtype):
+    """[B, C] 1 where column c belongs to row b's adapter, else 0 (rows of the base own none)."""
+    return (rows_B[:, None] == columns_C[None, :]).astype(dtype)
+
+
+def all_columns_delta(x_BxTxI, a_IxC, b_CxO, bank: dict, *, dtype: Any):
+    """x [B*T, in] @ A [in, C], each row's own columns kept (the others zeroed), @ B [C, out] -> [B, T, out]."""
+    B, T, I = x_BxTxI.shape
+    C = a_IxC.shape[1]
+    h_BxTxC = jnp.dot(x_BxTxI.reshape(B * T, I).astype(dtype), a_IxC.astype(dtype)).reshape(B, T, C)
+    h_BxTxC = h_BxTxC * own_columns(bank[ROWS], bank[COLUMNS], dtype)[:, None, :]
+    return jnp.dot(h_BxTxC.reshape(B * T, C), b_CxO.astype(dtype)).reshape(B, T, -1)
+
+
+def gathered_delta(x_BxTxI, a_IxC, b_CxO, bank: dict, *, dtype: Any):
+    """BGMV: each row's columns of A and B gathered (index C, past the end: zeros), two batched einsums."""
+    columns_BxR = bank[ROW_COLUMNS]
+    a_IxBxR = jnp.take(a_IxC, columns_BxR, axis=1, mode="fill", fill_value=0).astype(dtype)
+    b_BxRxO = jnp.take(b_CxO, columns_BxR, axis=0, mode="fill", fill_value=0).astype(dtype)
     h_BxTxR = jnp.einsum("bti,ibr->btr", x_BxTxI.astype(dtype), a_IxBxR)
     return jnp.einsum("btr,bro->bto", h_BxTxR, b_BxRxO)
 
 
-def all_slots_delta(x_BxTxI, a_IxNxR, b_NxRxO, rows_B, *, dtype: Any):
-    """The same delta from every slot at once: x [B*T, in] @ A [in, N*R], each row's own slot's R
-    columns kept (the others zeroed), then @ B [N*R, out]. Two plain 2-D matmuls, no gather."""
-    B, T, I = x_BxTxI.shape
-    _, N, R = a_IxNxR.shape
-    h_MxNR = jnp.dot(x_BxTxI.reshape(B * T, I).astype(dtype), a_IxNxR.reshape(I, N * R).astype(dtype))
-    own_BxN = (rows_B[:, None] == jnp.arange(N, dtype=rows_B.dtype)[None, :]).astype(dtype)
-    h_BxTxNxR = h_MxNR.reshape(B, T, N, R) * own_BxN[:, None, :, None]
-    delta_MxO = jnp.dot(h_BxTxNxR.reshape(B * T, N * R), b_NxRxO.reshape(N * R, -1).astype(dtype))
-    return delta_MxO.reshape(B, T, -1)
-
-
-def grouped_delta(x_BxTxI, a_IxNxR, b_NxRxO, rows_B, *, dtype: Any):
-    """SGMV: the same delta, rows sorted by slot, `jax.lax.ragged_dot` per group."""
-    B, T, I = x_BxTxI.shape
-    N = a_IxNxR.shape[1]
-    order_B = jnp.argsort(rows_B, stable=True)
-    x_MxI = jnp.take(x_BxTxI, order_B, axis=0).reshape(B * T, I).astype(dtype)
-    group_sizes_N = (jnp.bincount(rows_B, length=N) * T).astype(jnp.int32)
-    h_MxR = jax.lax.ragged_dot(x_MxI, jnp.moveaxis(a_IxNxR, 1, 0).astype(dtype), group_sizes_N)
-    delta_MxO = jax.lax.ragged_dot(h_MxR, b_NxRxO.astype(dtype), group_sizes_N)
-    sorted_BxTxO = delta_MxO.reshape(B, T, -1)
-    return jnp.zeros_like(sorted_BxTxO).at[order_B].set(sorted_BxTxO)
-
-
-def delta_kernel(tokens_per_row: int, slots: int):
-    """The faster per-row delta for these static shapes: `all_slots_delta` while tokens x slots is at
-    most ALL_SLOTS_MAX_TOKEN_SLOTS (decoding: 1 token per row), else `gathered_delta` (prefill)."""
-    return all_slots_delta if tokens_per_row * slots <= ALL_SLOTS_MAX_TOKEN_SLOTS else gathered_delta
+def delta_kernel(tokens_per_row: int):
+    """The faster per-row delta for these static shapes: `all_columns_delta` when decoding (one token
+    per row), `gathered_delta` for a prefill (several tokens per row)."""
+    return all_columns_delta if tokens_per_row == 1 else gathered_delta
 
 
 def bank_dense(x_BxTxI, kernel_IxO, bias_O, bank: dict, *, dtype: Any):
-    """x W (+ bias) + the per-row delta of `bank` ({lora_bank_a, lora_bank_b, lora_rows} leaves)."""
-    delta = delta_kernel(x_BxTxI.shape[1], bank[BANK_A].shape[1])
-    delta_BxTxO = delta(x_BxTxI, bank[BANK_A], bank[BANK_B], bank[ROWS], dtype=dtype)
+    """x W (+ bias) + the per-row delta of `bank` (the leaves listed in the module docstring)."""
+    delta = delta_kernel(x_BxTxI.shape[1])
+    delta_BxTxO = delta(x_BxTxI, bank[BANK_A], bank[BANK_B], bank, dtype=dtype)
     return dense(x_BxTxI, kernel_IxO, bias_O, dtype=dtype) + delta_BxTxO
