@@ -38,8 +38,8 @@ One jitted function per bucket runs the prefill and then the whole decode loop a
 decoding is never bound by Python overhead. The prefill (the model's scan over stacked layers) writes
 every prompt slot but the last and computes no logits; the last prompt slot is the first decode step.
 Decode steps run the layers unrolled (`Llama(unroll_layers=True)`) over per-layer weights (zero-copy
-views on CPU) and per-layer caches updated in place, so a step reads each weight and cache once and
-copies neither. The CLI keeps compiled programs in <jaxtune cache>/xla across runs.
+views on CPU) and per-layer caches (k/v rows = (batch row, kv head) pairs, `unstack_cache`) updated in
+place, so a step reads each weight and cache once and copies neither. The CLI keeps compiled programs in <jaxtune cache>/xla across runs.
 
 Greedy decoding takes the argmax; sampling divides the
 logits by the temperature, keeps the top-k (if k > 0) and the smallest top-p nucleus, and draws with

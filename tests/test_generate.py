@@ -9,6 +9,8 @@ logits stays above 5e-3, far above float32 noise, so greedy parity is still exac
 
 import copy
 import functools
+import math
+import re
 import subprocess
 import sys
 
@@ -251,6 +253,7 @@ def test_decode_tied_logits_equal_the_plain_product(rows):
 
 
 def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
+    """The decode cache's rows are (batch row, kv head) pairs: [B * K, S, Dh], as `unstack_cache` lays it out."""
     rng = np.random.default_rng(0)
     B, H, K, S, Dh = 3, 6, 2, 10, 8
     q_BxHxDh = rng.standard_normal((B, H, Dh), dtype=np.float32)
@@ -258,7 +261,8 @@ def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
     values_BxKxSxDh = rng.standard_normal((B, K, S, Dh), dtype=np.float32)
     mask_BxS = rng.random((B, S)) < 0.6
     mask_BxS[:, 0] = True
-    out = llama.one_token_attention(q_BxHxDh, keys_BxKxSxDh, values_BxKxSxDh, mask_BxS, 0.3)
+    out = llama.one_token_attention(q_BxHxDh, keys_BxKxSxDh.reshape(B * K, S, Dh),
+                                    values_BxKxSxDh.reshape(B * K, S, Dh), mask_BxS, 0.3)
     expected = np.zeros((B, H, Dh), np.float32)
     for b in range(B):
         for head in range(H):
@@ -268,3 +272,26 @@ def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
             weights = np.exp(scores - scores.max())
             expected[b, head] = (weights / weights.sum()) @ values_BxKxSxDh[b, kv]
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_decode_loop_updates_the_caches_in_place(varied_models, rows):
+    """The compiled decode loop writes each layer's k/v cache once per step and copies none of them (at
+    batch 1 a [B, K, S, Dh] cache was written twice per step through 4 cache-sized copies)."""
+    model = varied_models("llama3.2-tied")[0]
+    cfg = model.cfg
+    inputs = gen.decode_inputs(model, ragged_prompts(5, lengths=[7] * rows), 40, 0.0, 1.0, 0, 0, [], None, None)
+    compiled = gen.generate_padded.lower(
+        inputs.params, inputs.layer_params, inputs.tokens_BxP, inputs.segments_BxP, inputs.eos_ids_E, np.int32(40),
+        inputs.seed, cfg=cfg, new_bucket=gen.bucket_length(40), sampling=inputs.sampling).compile().as_text()
+    cache_elements = rows * cfg.num_kv_heads * (inputs.tokens_BxP.shape[1] + gen.bucket_length(40)) * cfg.head_dim
+    loop_bodies = [compiled[compiled.index("\n" + body + " "):] for body in re.findall(r"body=(%[\w.\-]+)", compiled)]
+    decode_body = max((body[:body.index("\n}\n")] for body in loop_bodies), key=len)
+
+    def cache_sized(line):  # the f32 result of an HLO line holds as many elements as a layer's k (or v) cache
+        result = re.search(r" = f32\[([\d,]*)\]", line)
+        return result is not None and math.prod(int(d) for d in result.group(1).split(",") if d) == cache_elements
+
+    assert not [line for line in decode_body.splitlines() if " copy(" in line and cache_sized(line)]
+    cache_writes = [line for line in decode_body.splitlines() if "dynamic-update-slice" in line and cache_sized(line)]
+    assert len(cache_writes) == 2 * cfg.num_layers

@@ -370,23 +370,24 @@ def attention_mask(q_slots_BxT, q_segments_BxT, k_slots_BxS, k_segments_BxS, sli
     return mask[:, None, :, :]
 
 
-def one_token_attention(q_BxHxDh, keys_BxKxSxDh, values_BxKxSxDh, mask_BxS, scale):
-    """Attention of one query per row over a cache (decoding). The cache is kept head-major
-    ([B, K, S, Dh], see `init_cache`), so both products are plain batched matmuls over (B, K) with
-    the G query heads of a kv head as rows: q [G, Dh] x k^T [Dh, S], then p [G, S] x v [S, Dh].
+def one_token_attention(q_BxHxDh, keys_NxSxDh, values_NxSxDh, mask_BxS, scale):
+    """Attention of one query per row over a cache (decoding). The cache rows are (batch row, kv head)
+    pairs, N = B * K (`unstack_cache`'s per-layer layout), so both products are plain batched matmuls
+    over N with the G query heads of a kv head as rows: q [G, Dh] x k^T [Dh, S], then p [G, S] x v [S, Dh].
     float32 scores, softmax and accumulation. (Multiply-reduce fusions over a [B, S, K, Dh] cache
     took 1.6-1.8x longer on XLA:CPU, measured over 30 layers of SmolLM2-135M at batch 1 and 8.)"""
     B, H, Dh = q_BxHxDh.shape
-    K = keys_BxKxSxDh.shape[1]
+    N = keys_NxSxDh.shape[0]
     f32 = jnp.float32
-    q_BxKxGxDh = (q_BxHxDh.reshape(B, K, H // K, Dh).astype(f32) * scale).astype(keys_BxKxSxDh.dtype)
-    scores_BxKxGxS = jnp.einsum("bkgd,bksd->bkgs", q_BxKxGxDh, keys_BxKxSxDh, preferred_element_type=f32)
-    scores_BxKxGxS = jnp.where(mask_BxS[:, None, None, :], scores_BxKxGxS, jnp.finfo(f32).min)
-    weights_BxKxGxS = jnp.exp(scores_BxKxGxS - scores_BxKxGxS.max(axis=-1, keepdims=True))
-    weights_BxKxGxS = weights_BxKxGxS / weights_BxKxGxS.sum(axis=-1, keepdims=True)
-    out_BxKxGxDh = jnp.einsum("bkgs,bksd->bkgd", weights_BxKxGxS.astype(values_BxKxSxDh.dtype), values_BxKxSxDh,
-                              preferred_element_type=f32)
-    return out_BxKxGxDh.reshape(B, H, Dh).astype(q_BxHxDh.dtype)
+    q_NxGxDh = (q_BxHxDh.reshape(N, H * B // N, Dh).astype(f32) * scale).astype(keys_NxSxDh.dtype)
+    scores_NxGxS = jnp.einsum("ngd,nsd->ngs", q_NxGxDh, keys_NxSxDh, preferred_element_type=f32)
+    mask_NxS = jnp.repeat(mask_BxS, N // B, axis=0)
+    scores_NxGxS = jnp.where(mask_NxS[:, None, :], scores_NxGxS, jnp.finfo(f32).min)
+    weights_NxGxS = jnp.exp(scores_NxGxS - scores_NxGxS.max(axis=-1, keepdims=True))
+    weights_NxGxS = weights_NxGxS / weights_NxGxS.sum(axis=-1, keepdims=True)
+    out_NxGxDh = jnp.einsum("ngs,nsd->ngd", weights_NxGxS.astype(values_NxSxDh.dtype), values_NxSxDh,
+                            preferred_element_type=f32)
+    return out_NxGxDh.reshape(B, H, Dh).astype(q_BxHxDh.dtype)
 
 
 class Attention(nn.Module):
@@ -423,14 +424,16 @@ class Attention(nn.Module):
             new_cache = None
         else:
             # Write this chunk at [cache_index, cache_index + T) and attend over the whole cache
-            # (head-major: keys/values [B, K, S, Dh]).
-            def write(cached_BxKxSxDh, new_BxTxKxDh):
-                new_BxKxTxDh = new_BxTxKxDh.transpose(0, 2, 1, 3).astype(cached_BxKxSxDh.dtype)
-                return jax.lax.dynamic_update_slice(cached_BxKxSxDh, new_BxKxTxDh, (0, 0, cache_index, 0))
+            # (head-major: keys/values [B, K, S, Dh]; or, unrolled decoding, [B * K, S, Dh]: `unstack_cache`).
+            def write(cached, new_BxTxKxDh):
+                new_BxKxTxDh = new_BxTxKxDh.transpose(0, 2, 1, 3).astype(cached.dtype)
+                if cached.ndim == 3:
+                    return jax.lax.dynamic_update_slice(cached, new_BxKxTxDh.reshape(B * K, T, Dh), (0, cache_index, 0))
+                return jax.lax.dynamic_update_slice(cached, new_BxKxTxDh, (0, 0, cache_index, 0))
 
             keys, values = write(layer_cache["k"], k_BxTxKxDh), write(layer_cache["v"], v_BxTxKxDh)
             k_segments = jax.lax.dynamic_update_slice(layer_cache["segments"], segments_BxT, (0, cache_index))
-            S = keys.shape[2]
+            S = keys.shape[-2]
             k_slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
             q_slots_BxT = q_slots_BxT + cache_index
             new_cache = {"k": keys, "v": values, "segments": k_segments}
@@ -438,14 +441,14 @@ class Attention(nn.Module):
         mask = attention_mask(q_slots_BxT, segments_BxT, k_slots, k_segments, cfg.sliding_window)
         if layer_cache is None:  # training / scoring: canonical batched dots, hand-written backward
             out_BxTxHxDh = attention(q_BxTxHxDh, keys, values, mask, 1.0 / math.sqrt(Dh))
-        elif T == 1:  # decoding: read the cache in place
-            out_BxTxHxDh = one_token_attention(q_BxTxHxDh[:, 0], keys, values, mask[:, 0, 0],
+        elif T == 1:  # decoding: read the cache in place, its rows (batch row, kv head) pairs
+            rows = lambda cached: cached.reshape(B * K, S, Dh)
+            out_BxTxHxDh = one_token_attention(q_BxTxHxDh[:, 0], rows(keys), rows(values), mask[:, 0, 0],
                                                1.0 / math.sqrt(Dh))[:, None]
         else:  # prefill into a cache
-            out_BxTxHxDh = jax.nn.dot_product_attention(
-                q_BxTxHxDh, keys.transpose(0, 2, 1, 3).astype(dtype), values.transpose(0, 2, 1, 3).astype(dtype),
-                mask=mask, scale=1.0 / math.sqrt(Dh)
-            )
+            seq_major = lambda cached: cached.reshape(B, K, S, Dh).transpose(0, 2, 1, 3).astype(dtype)
+            out_BxTxHxDh = jax.nn.dot_product_attention(q_BxTxHxDh, seq_major(keys), seq_major(values), mask=mask,
+                                                        scale=1.0 / math.sqrt(Dh))
         out = proj("o_proj", cfg.hidden_size, cfg.o_bias)(out_BxTxHxDh.reshape(B, T, H * Dh))
         return out, new_cache
 
@@ -550,8 +553,8 @@ class Llama(nn.Module):
     written. Query row t attends to cache slots <= cache_index + t of its own segment.
 
     unroll_layers=True (decoding): the layers run as a Python loop, with params `model/layers_{i}`
-    (`unstack_layers`) and the cache as a list of per-layer dicts (`unstack_cache`). Same math; every
-    layer's weights and cache are then separate buffers that XLA reads and updates in place, whereas
+    (`unstack_layers`) and the cache as a list of per-layer dicts (`unstack_cache`: k/v [B * K, S, Dh]).
+    Same math; every layer's weights and cache are then separate buffers that XLA reads and updates in place, whereas
     a scan slices each layer's weights and cache out of the stack with a copy, on every step (on CPU
     that copy costs about as much as the step's matmuls). Compiles slower, so training keeps the scan.
     """
@@ -631,8 +634,16 @@ def unstack_layers(params: dict, num_layers: int, split=None) -> dict:
 
 
 def unstack_cache(cache: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
-    """A stacked cache from `init_cache` -> one dict per layer, for unroll_layers."""
-    return [{name: value[i] for name, value in cache.items()} for i in range(cache["k"].shape[0])]
+    """A stacked cache from `init_cache` -> one dict per layer, for unroll_layers: k/v [B * K, S, Dh]
+    (rows are (batch row, kv head) pairs: the same bytes as [B, K, S, Dh]), segments [B, S].
+
+    Merged rows give a layer's cache one shape for its write and for its attention's reads. With
+    [B, K, S, Dh] at batch 1, XLA dropped the unit batch axis for the attention's products, wrote each
+    cache twice per step (once per shape) and copied every k and v cache 4 times per step to do it
+    (SmolLM2-135M, jax 0.10.2) instead of updating them in place."""
+    L, B, K, S, Dh = cache["k"].shape
+    return [{"k": cache["k"][i].reshape(B * K, S, Dh), "v": cache["v"][i].reshape(B * K, S, Dh),
+             "segments": cache["segments"][i]} for i in range(L)]
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
