@@ -16,14 +16,17 @@ and global-norm clipping from jaxtune.config.base_config().optim) on both sides,
   * dora: lora with DoRA (jaxtune lora.dora; peft LoraConfig(use_dora=True));
   * lora+: lora with LoRA+ (jaxtune lora.plus_ratio; peft.optimizers.create_loraplus_optimizer), ratio --plus_ratio.
 jaxtune: hf.load_params (+ lora.init_adapters), state.build (trainable/frozen split, optim.optimizer,
-the state sharded over the process's devices), jax.jit(step.train_step, donate_argnums=0); compile and warm-up steps are timed
+the state sharded over the process's devices), jax.jit(step.train_step, donate_argnums=0) after
+plan.measured.trim_after_compiles (as jaxtune.train); compile and warm-up steps are timed
 apart; the compiled step's memory_analysis (argument/output/temp bytes) is reported.
 HF: LlamaForCausalLM.from_pretrained(dtype=float32) (+ peft.get_peft_model(LoraConfig(...))),
 torch.optim.AdamW over the trainable params, loss = model(input_ids, labels=input_ids).loss,
 backward, clip_grad_norm_, step, zero_grad; torch.set_num_threads(threads).
 
 Every (framework, mode, repeat) runs in its own fresh subprocess (so its peak RSS,
-getrusage(RUSAGE_SELF).ru_maxrss, is its own), pinned to `threads` cores; runs are interleaved
+getrusage(RUSAGE_SELF).ru_maxrss, is its own), with JAX_PLATFORMS=cpu unless the environment sets
+it (a CPU benchmark: otherwise jax also starts any accelerator plugin installed, e.g. the plan
+extra's libtpu, ~100 MiB resident), pinned to `threads` cores; runs are interleaved
 across repeats so machine-load drift hits both sides alike. Per run, the median of `steps` timed
 steps gives tokens/s; the table shows the median over repeats, the min-max range, and the
 1-minute load average around the runs (os.getloadavg), since shared CPUs make timings noisy.
@@ -124,6 +127,7 @@ def run_jaxtune(args, mode: str) -> dict:
     from jaxtune import params as params_lib
     from jaxtune import state as state_lib
     from jaxtune.config import base_config
+    from jaxtune.plan import measured
 
     from jaxtune.models.quant import QuantConfig
 
@@ -159,6 +163,7 @@ def run_jaxtune(args, mode: str) -> dict:
            "trainable_params": params_lib.count_params(state["params"]),
            "total_params": params_lib.count_params(state["params"]) + params_lib.count_params(frozen)}
 
+    measured.trim_after_compiles()
     train_step = jax.jit(functools.partial(step.train_step, cfg=cfg, tx=tx, grad_accum=1), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = train_step.lower(state, frozen, batch).compile()
@@ -328,7 +333,7 @@ def run_child(argv: list[str], framework: str, mode: str) -> dict:
     load_before = os.getloadavg()[0]
     cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--child={framework}:{mode}"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", **os.environ})
     wall = time.perf_counter() - start
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

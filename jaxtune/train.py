@@ -37,6 +37,7 @@ from jaxtune.errors import JaxtuneError
 from jaxtune.hf import load_tokenizer
 from jaxtune.loading import LoadedModel
 from jaxtune.models.llama import ModelConfig
+from jaxtune.plan import measured as plan_measured
 
 # Named, not __name__: run as `python -m jaxtune.train` this module is `__main__`, a logger outside
 # "jaxtune" whose INFO records jaxtune.setup_logging does not show.
@@ -90,6 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
 
     # ---- Step: compiled for the state's shardings ----------------------------------------------
     train_fn, eval_fn = compiled_steps(config, cfg, train_state, mesh, rules)
+    plan_measured.trim_after_compiles()  # the compiler's freed memory is not kept resident while the steps run
     if is_main:  # what the run expects each device to hold; `python -m jaxtune.plan` adds the compiler's figures
         log.info("%s", plan.startup_report(config, cfg, source.vocab_ext, mesh))
 

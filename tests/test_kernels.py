@@ -2,6 +2,7 @@
 jax.grad of the plain math they replace: float32 round-off only."""
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -9,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from jaxtune import lora, step
 from jaxtune import params as params_lib
 from jaxtune.models import llama
-from jaxtune.models.kernels import HeadSpec, dense, head_cross_entropy_sum, lora_dense, shared_input_lora_dense, silu_gate
+from jaxtune.models.kernels import (HeadSpec, dense, gated_lora_dense, head_cross_entropy_sum, lora_dense,
+                                    shared_input_lora_dense, silu_gate)
 
 B, T, D, O, R = 2, 5, 12, 7, 3
 SCALING = 2.5
@@ -488,3 +491,81 @@ def test_dropout_masks_are_drawn_per_adapted_linear():
     assert not np.allclose(q, k, atol=1e-3)
     q, k, _ = Projections(cfg, True, "fused").apply({"params": params}, x)
     np.testing.assert_allclose(q, k, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# What a layer keeps for its backward: each activation once
+
+
+@pytest.mark.parametrize("with_adapter, with_dropout", [(False, False), (True, False), (True, True)])
+def test_gated_lora_dense_gradients_equal_autodiff_of_the_plain_math(with_adapter, with_dropout):
+    """down(silu(gate) * up), the product rematerialised: outputs and every cotangent against the plain math."""
+    keys = jax.random.split(jax.random.key(21), 8)
+    gate, up = (jax.random.normal(keys[i], (B, T, D)) * 2 for i in range(2))
+    kernel, bias = jax.random.normal(keys[2], (D, O)) * 0.3, jax.random.normal(keys[3], (O,))
+    a = jax.random.normal(keys[4], (D, R)) * 0.3 if with_adapter else None
+    b = jax.random.normal(keys[5], (R, O)) * 0.3 if with_adapter else None
+    keep = jax.random.bernoulli(keys[6], KEEP, (B, T, D)) if with_dropout else None
+    dy = jax.random.normal(keys[7], (B, T, O))
+
+    def gated(gate, up, kernel, bias, a, b):
+        return gated_lora_dense(gate, up, (kernel, bias, a, b), keep, scaling=SCALING, dtype=jnp.float32,
+                                keep_prob=KEEP)
+
+    def reference(gate, up, kernel, bias, a, b):
+        h = jax.nn.silu(gate) * up
+        return h @ kernel + bias + (0.0 if a is None else plain(h, kernel, None, a, b, keep, jnp.float32) - h @ kernel)
+
+    inputs = (gate, up, kernel, bias, a, b)
+    results = [jax.jit(lambda *args, f=f: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(f, *args)))(*inputs)
+               for f in (gated, reference)]
+    (y, grads), (y_ref, grads_ref) = results
+    assert_close(y, y_ref, 1e-5)
+    for g, g_ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref), strict=True):
+        assert_close(g, g_ref, 1e-5)
+
+
+def test_rms_norm_and_its_gradients_equal_autodiff_of_the_plain_math():
+    keys = jax.random.split(jax.random.key(23), 3)
+    x, scale, dy = jax.random.normal(keys[0], (B, T, D)) * 3, jax.random.normal(keys[1], (D,)), jax.random.normal(keys[2], (B, T, D))
+
+    def reference(x, scale):
+        return scale * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5))
+
+    y, grads = jax.jit(lambda x, s: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(
+        lambda x, s: llama.rms_norm(x, s, 1e-5, jnp.float32), x, s)))(x, scale)
+    y_ref, grads_ref = jax.jit(lambda x, s: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(reference, x, s)))(x, scale)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))  # same forward bits
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, 1e-5)
+
+
+@pytest.mark.parametrize("adapters", [False, True])
+def test_a_decoder_layer_keeps_each_activation_once_for_its_backward(adapters, capsys):
+    """Besides the params and the layer's input, one layer's backward keeps (float32, no dropout):
+    the q/k/v input once, q, k, v, the attention output (in attention's layout and in o_proj's),
+    the residual stream after attention, the gate/up input once, gate and up. Not: the normalised
+    copies inside the norms, one flattened copy of a shared input per projection, silu(gate) * up.
+    (In a scanned model each of those would be one more stacked [L, B, T, width] buffer.)"""
+    cfg = dataclasses.replace(tiny_config(tied=True, targets=llama.LINEAR_TARGETS), qkv_bias=False)
+    if not adapters:
+        cfg = dataclasses.replace(cfg, lora=None)
+    N, D_, F, H, K, Dh = 3 * 10, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    layer = llama.DecoderLayer(cfg, deterministic=True)
+    h = jax.random.normal(jax.random.key(0), (3, 10, D_))
+    positions = jnp.broadcast_to(jnp.arange(10), (3, 10))
+    segments = jnp.ones((3, 10), jnp.int32)
+    params = layer.init(jax.random.key(1), h, positions, segments, jnp.int32(0), None)
+
+    def loss(params, h):
+        return jnp.sum(layer.apply(params, h, positions, segments, jnp.int32(0), None)[0])
+
+    print_saved_residuals(loss, params, h)  # one line each: "f32[3,10,16] output of ..." / "... from the argument ..."
+    kept = [math.prod(int(n) for n in line.split("[", 1)[1].split("]", 1)[0].split(",") if n)
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith("f32[") and "from the argument" not in line]  # not the bool attention mask
+    # per token: q/k/v input D, q H*Dh, k and v K*Dh each, attention output H*Dh twice (its own
+    # layout, o_proj's input), residual stream D, gate/up input D, gate F, up F
+    expected_per_token = 3 * D_ + 3 * H * Dh + 2 * K * Dh + 2 * F
+    activations = sum(size for size in kept if size >= N * min(D_, K * Dh, F))
+    assert activations == N * expected_per_token, kept

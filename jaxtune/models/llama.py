@@ -22,6 +22,7 @@ H query heads, K kv heads, G = H / K, Dh head dim, F mlp width, V vocab, L layer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -33,7 +34,8 @@ from jaxtune.models import quant
 from jaxtune.models.attention import attention
 from jaxtune.models import multi_lora
 from jaxtune.models.dora import dora_dense, weight_norm
-from jaxtune.models.kernels import HeadSpec, dense, lora_dense, shared_input_lora_dense, silu_gate
+from jaxtune.models.kernels import (HeadSpec, dense, gated_lora_dense, lora_dense, shared_input_lora_dense,
+                                    silu_gate)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # LoRA adapters are trainable, so always float32 master weights whatever param_dtype (an Adam update of
@@ -150,9 +152,17 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False, static_argnums=(2, 3))
+def rms_norm(x, scale, eps: float, dtype):
+    """scale * x / rms(x), in float32. Rematerialised: the backward keeps only x and the scale and
+    recomputes the rest (one reduction and a few multiplies over x); autodiff would keep x, the
+    normalised x and its inverse rms, one more stacked [L, B, T, D] buffer per norm in a scanned model."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * normed.astype(dtype)
 
 
 def lora_a_init(key, shape, dtype):
@@ -225,24 +235,54 @@ def shared_input_linears(module: nn.Module, x, linears: list[Linear]) -> list:
     """The outputs of Linears that read the same x (q/k/v; gate/up), each as `linear(x)` would be in
     `module`; the Linears come unbound (parent=None) and become `module`'s submodules by their names.
 
-    When some of them carry a plain LoRA adapter (same scaling and dropout rate) over float kernels,
-    they run as one hand-written VJP (kernels.shared_input_lora_dense: x saved once; without active
-    dropout the adapters' a as one matmul; with it, one keep-mask per adapted linear, drawn from that
-    linear's own 'dropout' rng as `Linear` draws it, as PEFT draws one per adapted module, and only
-    the masks saved); otherwise (DoRA, NF4, adapter banks; no adapter at all: autodiff already saves
-    x once) each Linear runs on its own. Same params either way."""
-    adapted = [linear.lora for linear in linears if linear.lora is not None]
-    fusable = (adapted and len({(lora.scaling, lora.dropout) for lora in adapted}) == 1
-               and not any(lora.dora for lora in adapted) and all(linear.quant is None for linear in linears))
-    if not fusable:
+    When they are plain float kernels, none of them or all with a plain LoRA adapter (same scaling
+    and dropout rate), they run as one hand-written VJP (kernels.shared_input_lora_dense: x saved
+    once, where autodiff of one `dense` each saves its own flattened copy of x, one stacked [L, N, in]
+    buffer per projection in a scanned model; without active dropout the adapters' a as one matmul;
+    with it, one keep-mask per adapted linear, drawn from that linear's own 'dropout' rng as `Linear`
+    draws it, as PEFT draws one per adapted module, and only the masks saved); otherwise (DoRA, NF4,
+    adapter banks) each Linear runs on its own. Same params either way."""
+    if not fusable(module, linears):
         return [linear.clone(parent=module)(x) for linear in linears]
+    weights, masks, scaling, keep_prob = fused_weights(module, x.shape, linears)
+    return shared_input_lora_dense(x, weights, scaling=scaling, dtype=linears[0].dtype, keep_masks=masks,
+                                   keep_prob=keep_prob)
+
+
+def gated_linear(module: nn.Module, gate, up, linear: Linear):
+    """`linear(silu(gate) * up)` in `module` (the MLP's down projection; `linear` unbound, as in
+    `shared_input_linears`). Plain float kernels (see there) run as kernels.gated_lora_dense, whose
+    backward keeps gate and up, not their product: one stacked [L, N, F] buffer less per scanned model."""
+    if not fusable(module, [linear]):
+        return linear.clone(parent=module)(silu_gate(gate, up))
+    weights, masks, scaling, keep_prob = fused_weights(module, gate.shape, [linear])
+    return gated_lora_dense(gate, up, weights[0], None if masks is None else masks[0], scaling=scaling,
+                            dtype=linear.dtype, keep_prob=keep_prob)
+
+
+def fusable(module: nn.Module, linears: list[Linear]) -> bool:
+    """Plain float kernels, none or all with a plain LoRA adapter of one scaling and dropout rate."""
+    adapted = [linear.lora for linear in linears if linear.lora is not None]
+    return (len({(lora.scaling, lora.dropout) for lora in adapted}) <= 1
+            and not any(lora.dora for lora in adapted) and all(linear.quant is None for linear in linears)
+            and not any(holds_adapter_bank(module, linear.name) for linear in linears))
+
+
+def fused_weights(module: nn.Module, x_shape, linears: list[Linear]):
+    """(the (kernel, bias, a, b) of each linear, their dropout keep-masks or None, scaling, keep prob)
+    as `module`'s submodules by the linears' names."""
     weights, masks = zip(*[LinearWeights(linear.features, linear.use_bias, linear.lora, linear.dtype,
                                          linear.param_dtype, linear.deterministic, linear.quant, parent=module,
-                                         name=linear.name)(x.shape)
+                                         name=linear.name)(x_shape)
                            for linear in linears])
-    dropout = any(mask is not None for mask in masks)
-    return shared_input_lora_dense(x, weights, scaling=adapted[0].scaling, dtype=linears[0].dtype,
-                                   keep_masks=masks if dropout else None, keep_prob=1.0 - adapted[0].dropout)
+    adapted = [linear.lora for linear in linears if linear.lora is not None]
+    scaling, rate = (adapted[0].scaling, adapted[0].dropout) if adapted else (1.0, 0.0)
+    return weights, masks if any(mask is not None for mask in masks) else None, scaling, 1.0 - rate
+
+
+def holds_adapter_bank(module: nn.Module, name: str) -> bool:
+    """Whether `module`'s submodule `name` carries an adapter bank (jaxtune.multi_adapter's params)."""
+    return multi_lora.BANK_A in module.variables.get("params", {}).get(name, {})
 
 
 def lora_dropout_inactive(module: nn.Module) -> bool:
@@ -468,7 +508,7 @@ class MLP(nn.Module):
 
         gate_BxTxF, up_BxTxF = shared_input_linears(
             self, x_BxTxD, [proj("gate_proj", cfg.intermediate_size, None), proj("up_proj", cfg.intermediate_size, None)])
-        return proj("down_proj", cfg.hidden_size)(silu_gate(gate_BxTxF, up_BxTxF))
+        return gated_linear(self, gate_BxTxF, up_BxTxF, proj("down_proj", cfg.hidden_size, None))
 
 
 class DecoderLayer(nn.Module):
