@@ -79,20 +79,18 @@ def load_compiler_habits(path: pathlib.Path = HABITS_FILE) -> dict[str, dict[str
     return habits
 
 
-# Fitted by `python benchmarks/fit_plan.py --write` (least squares on the relative error of the per-device
-# total against the compilers' memory analyses of today's train step, within each habit's bounds); the
+# Fitted by `python benchmarks/fit_plan.py --write` (the largest relative error of the per-device total
+# minimised against the compilers' memory analyses of today's train step, within each habit's bounds); the
 # file records the commit, the cases fitted, the grid's cases not compiled, and the fit's errors. What the
-# fit at 35b977a says (18 of the grid's 36 cases compiled: a machine at load 20-30 made a tiny TPU compile
-# take 2-14 minutes and an 8B one 18; the rest of the grid is uncompiled, see the JSON):
-#  - CPU (13 cases, worst 10.4%): XLA:CPU keeps 0.83 of the counted remat-none values (some of them are
-#    fused away) and about 1.5 layers' whole set while one layer's backward runs;
-#    2.5 score-sized float32 buffers; the optimizer update holds ~1.8 trainable-sized float32 temporaries
-#    besides the gradient (full fine-tuning); the chunked cross-entropy's buffers vanish into the rest.
-#  - TPU (6 cases, worst 14.8%: the remat-none step grows faster than linearly in the rows, 422 MiB at 2
-#    rows per chip, 1023 at 4, so a linear count misses one or the other by ~14%): 2.2x the counted
-#    remat-none values plus two [T, T] masks per layer and row; 3.2 copies of each layer's input under
-#    remat full; 2.6 score-sized buffers; 2.5 gathered copies of the output head under FSDP (the head is
-#    1 GiB at 8B widths) and no per-layer gathered copies beyond that; no optimizer temporaries.
+# fit at 7cfcacf says (24 of the grid's 38 cases compiled on a quiet machine, the rest not yet: see the JSON):
+#  - CPU (13 cases, worst 7.1%): XLA:CPU keeps 0.84 of the counted remat-none values (some are fused
+#    away) and about 2.2 layers' whole set while one layer's backward runs; 2.5 score-sized float32
+#    buffers; the optimizer's update and the chunked cross-entropy's buffers vanish into the rest.
+#  - TPU (11 cases, worst 14.2%: the remat-none step grows faster than linearly in the rows, 357 MiB at 2
+#    rows per chip, 900 at 4, so a linear count misses both by ~14%, and the minimax fit spreads that
+#    error over the others): 2.3x the counted remat-none values and 2.1 layers' whole set during a
+#    layer's backward; 1.8 copies of each layer's input under remat full; 3.6 score-sized buffers; no
+#    separate gathered copies under FSDP and no optimizer temporaries (both absorbed by the rest).
 #  - dots / dots_no_batch and LoRA dropout had no TPU compile here: they count their buffers once (1).
 COMPILER_HABITS = load_compiler_habits()
 
@@ -125,11 +123,12 @@ def activation_widths(cfg: ModelConfig, tensor: int, seq_len: int) -> dict[str, 
     the backward of today's layer (models/llama.py, models/kernels.py, models/attention.py) reads, by remat
     policy.
 
-      none            each RMSNorm's float32 input, its normed value and its output (the output saved once
-                      for all projections reading it: kernels.shared_input_lora_dense), q after RoPE, k, v,
-                      the attention output and its [T, H * Dh] copy that o_proj reads, the softmax's row
-                      max and sum (float32; the probabilities are recomputed), the MLP's gate and up
-                      (kernels.silu_gate) and their product, the adapters' [T, r] products
+      none            each RMSNorm's input and its output (the norm is rematerialised: llama.rms_norm; its
+                      output saved once for all projections reading it, LoRA or full fine-tuning:
+                      kernels.shared_input_lora_dense), q after RoPE, k, v, the attention output and its
+                      [T, H * Dh] copy that o_proj reads, the softmax's row max and sum (float32; the
+                      probabilities are recomputed), the MLP's gate and up (their product is recomputed
+                      for down_proj's backward: kernels.gated_lora_dense), the adapters' [T, r] products
       dots            the matmul outputs: q, k, v, o, gate, up, down, and attention's two batched dots
                       (its float32 scores, the probabilities x v)
       dots_no_batch   the unbatched matmul outputs (attention's dots have a batch axis: recomputed)
@@ -141,9 +140,9 @@ def activation_widths(cfg: ModelConfig, tensor: int, seq_len: int) -> dict[str, 
     q, kv, F = cfg.num_heads * cfg.head_dim / tensor, cfg.num_kv_heads * cfg.head_dim / tensor, cfg.intermediate_size / tensor
     heads = cfg.num_heads / tensor
     adapters = sum(cfg.lora.rank for name in cfg.lora.targets if name in LINEAR_TARGETS) if cfg.lora else 0
-    norms = 2 * D * (2 + f32)
+    norms = 2 * 2 * D
     matmuls = q + 2 * kv + D + 2 * F + D
-    return {"none": norms + 3 * q + 2 * kv + 2 * heads * f32 + 3 * F + adapters,
+    return {"none": norms + 3 * q + 2 * kv + 2 * heads * f32 + 2 * F + adapters,
             "dots": matmuls + heads * seq_len * f32 + q, "dots_no_batch": matmuls, "full": D}
 
 
