@@ -28,6 +28,16 @@ def pyplot():
     return plt
 
 
+def label_geometry():
+    """(matplotlib's Bbox, Text) for placing labels; ImportError without the `plot` extra."""
+    try:
+        from matplotlib.text import Text
+        from matplotlib.transforms import Bbox
+    except ImportError as e:
+        raise ImportError(f"matplotlib is not installed ({e}): pip install 'jaxtune[plot]' for the plots") from e
+    return Bbox, Text
+
+
 def learning_label(report: dict) -> str:
     return "task accuracy (mean over tasks)" if report["base"]["learning_by"] == "task" else "- held-out loss"
 
@@ -55,10 +65,9 @@ def box_distance(box, x: float, y: float) -> float:
 def marker_box(center, size: float, pad: float, dpi: float):
     """The display box of a scatter marker of area `size` (points^2) centred at display `center`,
     grown by `pad` points."""
-    from matplotlib.transforms import Bbox  # matplotlib is optional: imported when a plot is drawn
-
+    bbox, _ = label_geometry()
     half = (size ** 0.5 / 2 + pad) * dpi / 72
-    return Bbox.from_extents(center[0] - half, center[1] - half, center[0] + half, center[1] + half)
+    return bbox.from_extents(center[0] - half, center[1] - half, center[0] + half, center[1] + half)
 
 
 def label_cost(box, own: int, centers, markers: list, taken: list, frame) -> float:
@@ -77,8 +86,7 @@ def place_labels(ax, points: list[tuple[str, float, float, float]], avoid: list)
     """Label each (name, x, y, marker size) of `ax` at the first place of LABEL_DIRECTIONS x LABEL_RINGS
     (beyond the first ring with a leader line to its point) where `label_cost` is 0, or, with none, where
     it is least. Call it once the figure's layout is final (the boxes are in display units). -> the labels."""
-    from matplotlib.text import Text
-
+    _, text = label_geometry()
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     centers = [tuple(ax.transData.transform((x, y))) for _, x, y, _ in points]
@@ -98,7 +106,7 @@ def place_labels(ax, points: list[tuple[str, float, float, float]], avoid: list)
                                     va="bottom" if dy > 0 else "top", zorder=4,
                                     arrowprops=leader if ring > LABEL_RINGS[0] else None)
                 label.update_positions(renderer)
-                box = Text.get_window_extent(label, renderer)  # the text's box (Annotation's adds the leader)
+                box = text.get_window_extent(label, renderer)  # the text's box (Annotation's adds the leader)
                 cost = label_cost(box, own, centers, markers, taken, frame)
                 if best is None or cost < best[0]:
                     if best is not None:
