@@ -52,7 +52,8 @@ def hlo_dots(hlo_text: str) -> dict[str, dict]:
     A fusion's entry sums the dots of the computation it calls; "batched" is true when a dot has
     batch dimensions (attention's q k^T and p v)."""
     shapes: dict[str, list[int]] = {}
-    dots_in: dict[str, list[tuple[float, bool]]] = collections.defaultdict(list)
+    dots_in: dict[str, list[tuple[float, bool]]] = collections.defaultdict(list)  # by computation
+    table: dict[str, dict] = {}  # the dots themselves, by instruction
     fusions: dict[str, str] = {}
     computation = ""
     for line in hlo_text.splitlines():
@@ -74,16 +75,11 @@ def hlo_dots(hlo_text: str) -> dict[str, dict]:
             flops = 2.0 * math.prod(_dims(out_shape)) * k
             batched = "lhs_batch_dims={" in attrs and "lhs_batch_dims={}" not in attrs
             dots_in[computation].append((flops, batched))
-            dots_in["__instruction__" + name].append((flops, batched))
-    table = {}
+            table[name] = {"flops": flops, "batched": batched}
     for name, called in fusions.items():
         if dots_in.get(called):
             table[name] = {"flops": sum(f for f, _ in dots_in[called]),
                            "batched": any(b for _, b in dots_in[called])}
-    for key, dots in dots_in.items():
-        if key.startswith("__instruction__"):
-            table.setdefault(key[len("__instruction__"):],
-                             {"flops": sum(f for f, _ in dots), "batched": any(b for _, b in dots)})
     return table
 
 
