@@ -26,6 +26,11 @@ prompts each (random token ids of prompt_len, EOS off so every row emits exactly
                       (min_new_tokens = max_new_tokens), unless --no_hf.
 Generated tokens/s for each, the best of `repeats` after a warm-up (compiles excluded), the jaxtune
 variants interleaved round by round in this one process. The load average is printed with the figures.
+4. The ceiling of this machine (`matmul_floor`): a mixed batch of all the rows cannot take less than its
+   prefill (base weights, no adapter) plus, per new token, the step's dense weight matmuls alone (the
+   layers' 7 projections and the output head at the batch's rows, the model's own weights, nothing
+   else); one adapter at a time's measured time over that bound is the most any multi-adapter
+   implementation could gain here.
 """
 
 from __future__ import annotations
@@ -212,6 +217,46 @@ def bench_decode_steps(model, bank, wide_bank, adapters, names, repeats: int, ch
         del runners
 
 
+def matmul_floor(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> tuple[float, float, float]:
+    """(seconds of one decode step's dense weight matmuls alone at `batch` rows, their GFLOP, seconds of
+    the base prefill of `batch` prompts of prompt_len tokens into a cache of prompt_len + new_tokens slots), the best of `repeats` after a warm-up.
+
+    The matmuls: every layer's q/k/v/o/gate/up/down kernel and the output head (the tied embedding)
+    applied to random activations of `batch` rows, each product summed to a scalar so none is dropped,
+    one compiled program; the same shapes and weights as `generate.decode_step`'s dots, without its
+    attention, norms, rotary, cache writes or token selection."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxtune import generate as gen
+
+    layers = gen.per_layer_params(model.params, model.cfg)["model"]
+    kernels = [leaf for layer in range(model.cfg.num_layers)
+               for leaf in jax.tree_util.tree_leaves(layers[f"layers_{layer}"]) if leaf.ndim == 2]
+    head_VxD = model.params["model"]["embed_tokens"]["embedding"] if model.cfg.tie_word_embeddings else None
+    head_DxV = None if head_VxD is not None else model.params["lm_head"]["kernel"]
+    widths = sorted({k.shape[0] for k in kernels})
+    rng = np.random.default_rng(0)
+    inputs = {w: jnp.asarray(rng.standard_normal((batch, w), np.float32)) for w in widths}
+
+    @jax.jit
+    def dots(kernels, inputs, head_VxD, head_DxV):
+        total = sum(jnp.sum(inputs[k.shape[0]] @ k) for k in kernels)
+        x_BxD = inputs[model.cfg.hidden_size]
+        return total + jnp.sum(x_BxD @ head_VxD.T if head_VxD is not None else x_BxD @ head_DxV)
+
+    flops = 2 * batch * (sum(k.size for k in kernels) + model.cfg.vocab_size * model.cfg.hidden_size)
+    tokens_BxP = jnp.asarray(rng.integers(3, model.cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+    segments_BxP = jnp.ones_like(tokens_BxP)
+    prefill = jax.jit(gen.prefill, static_argnames=("cfg", "cache_len"))
+    runs = {"dots": lambda: jax.block_until_ready(dots(kernels, inputs, head_VxD, head_DxV)),
+            "prefill": lambda: jax.block_until_ready(prefill(model.params, model.cfg, tokens_BxP, segments_BxP,
+                                                             cache_len=prompt_len + new_tokens))}
+    best = interleaved_best(runs, max(repeats, 3))
+    return best["dots"], flops / 1e9, best["prefill"]
+
+
 def random_adapter_trees(cfg, ranks):
     """One random adapter tree (lora_a, lora_b, all linear targets) per rank -> [(tree, LoRAConfig)]."""
     import jax
@@ -327,6 +372,13 @@ def main(argv=None) -> None:
         cpu_ratio = f"  CPU {cpu_reference / cpu_times[name]:5.2f}x" if name in cpu_times else ""
         print(f"  {name:<38} {seconds:7.2f} s  {total_tokens / seconds:8.1f} tokens/s  "
               f"{reference / seconds:5.2f}x one-at-a-time{cpu_ratio}")
+    dots_s, dots_gflop, prefill_s = matmul_floor(model, len(mixed_rows), args.prompt_len, args.new_tokens, args.repeats)
+    floor_s = prefill_s + args.new_tokens * dots_s
+    print(f"\nceiling on this machine: a mixed batch of {len(mixed_rows)} takes at least its prefill "
+          f"({prefill_s:.2f} s, base weights) + {args.new_tokens} steps x the weight matmuls alone "
+          f"({dots_s * 1e3:.1f} ms each, {dots_gflop:.1f} GFLOP at {dots_gflop / dots_s:.0f} GFLOP/s) = {floor_s:.2f} s; "
+          f"one adapter at a time took {reference:.2f} s: no mixed batch can be more than "
+          f"{reference / floor_s:.2f}x faster here")
     print(load_report(load_start, load_averages()))
 
 
