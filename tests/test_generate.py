@@ -132,6 +132,20 @@ def test_low_temperature_and_top_k_1_equal_greedy(varied_models):
     assert gen.generate(model, prompts, NEW_TOKENS, temperature=2.0, top_k=1, seed=3, eos_ids=[]) == greedy
 
 
+def test_greedy_tokens_equal_argmax_with_ties_nan_and_infinities():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((64, 1000)).astype(np.float32)
+    logits[1, [7, 300]] = 9.0  # a tie: the first index wins
+    logits[2, [5, 600]] = np.nan  # NaN: the first NaN, as argmax
+    logits[3] = -np.inf
+    logits[4, [10, 20]] = np.inf
+    logits[5] = np.round(logits[5])  # many ties
+    got = np.asarray(jax.jit(gen.greedy_tokens)(logits))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jax.numpy.argmax(logits, axis=-1)))
+    np.testing.assert_array_equal(got[1:5], [7, 5, 0, 10])
+
+
 def test_top_p_and_top_k_filters():
     logits = np.log(np.array([[0.05, 0.5, 0.15, 0.3]], np.float32))
     kept = np.isfinite(gen.filter_top_p(logits, 0.7))
