@@ -32,17 +32,39 @@ one process at the real model's shapes, and the whole decode step with each):
 step, cost more than the extra FLOPs) and the gathered form for the prefill (many tokens per row share
 each row's gathered A and B, while all-columns' FLOPs grow with C for every token: 64 rows x 31 tokens,
 576 -> 1536, 68 columns, 3.1 ms gathered vs 7.5 ms all-columns against 36 ms for x W, process CPU time).
-Measured on SmolLM2-135M, 8 adapters of ranks 4/8/16 (2026-11-30, 2 cores shared with other jobs, load
-average 5-8, so only process CPU time and ratios within one process mean anything): the whole decode
-step at batch 64 cost the base's 249 ms of CPU plus 15% with the packed 68 columns and plus 29% with
-128 columns (8 slots padded to rank 16, about the padded layout this replaced, which also gave the base
-a zero slot: 144 columns); at batch 8, plus 19% and plus 31%. With C = the ranks' sum, the extra is
-about the adapters' share of the step's FLOPs (68 x (in + out) multiply-adds per row and projection:
-~15% of the step's, head included), so what is left is arithmetic, not overhead. (A `jax.lax.ragged_dot`
-grouped form, SGMV, was measured here before packing: XLA:CPU expands it into dense dots over every
-group with the other groups' rows masked, plus a sort and a scatter, and it was the slowest form in
-every case, 1.5x to 40x the fastest; it needs a per-slot [slots, in, R] layout, which packing removes,
-so it is gone.)
+Measured on SmolLM2-135M, 8 adapters of ranks 4/8/16, float32, 2 cores (2026-11-30 20:31 UTC, one
+process, variants interleaved, best of 8 rounds of 8 steps, a 40-slot cache; the machine shared, load
+average 3.0-3.8, so at batch 64 the step ran on about one core, wall ~ CPU time): batch 64, the base
+240.5 ms/step (CPU 239.3), the packed 68 columns 280.0 (CPU 278.7), +16%; batch 8, 40.2 (CPU 67.4) and
+46.5 (CPU 77.3), +16% (+15% CPU). An earlier run (load 5-8) put 128 columns (8 slots padded to rank 16,
+about the padded layout this replaced, which also gave the base a zero slot: 144 columns) at +29% of
+the base's CPU time at batch 64 and +31% at batch 8. With C = the ranks' sum, the extra is about the
+adapters' share of the step's FLOPs (68 x (in + out) multiply-adds per row and projection: ~15% of the
+step's, head included): the A side (x A) and the B side (h B) each cost about half of it (an earlier run,
+load 3.2: each alone added ~20 ms of CPU at batch 64, the own-columns mask ~3 ms), so what is left is
+arithmetic, not overhead.
+Tried in that same process at batch 64 / batch 8 and not kept, none being faster than the plain per-target
+form above (280.0 / 46.5 ms):
+  * shared-input fusion: q/k/v's (and gate/up's) A sides as one x [in, 3C] ([in, 2C]) dot with one mask,
+    each B apart: 284.2 / 47.4. The fused [64, 204] dot took as long as the three [64, 68] dots it
+    replaced (op profile: ~22 ms of A-side dots per step either way), so fewer dots buy nothing (the
+    [A_q | A_k | A_v] concatenation, made here once per decode call, ~3 ms a step: stored that way it
+    would still be no faster);
+  * the same with the group's B sides as one block-diagonal dot: 304.2 / 50.5 (3x the B side's FLOPs);
+  * A stored [C, in] and B [out, C]: 279.1 / 47.1, the same program (XLA folds a transpose of a dot's
+    operand into its dimension numbers);
+  * the delta added to x W in 2-D before the [B, T, out] reshape: 279.2 / 46.0, within noise (the layout
+    copy of the 3-D add becomes a 2-D add of the same cost);
+  * both dots with a transposed lhs, which XLA:CPU gives to its own dot instead of YNNPACK: slower (gate
+    shape alone: 292 vs 268 us at batch 64, 107 vs 72 us at batch 8);
+  * the gathered form in decoding at batch 8 too (its copies are 8x smaller than at 64): 105.7 vs 78.5
+    ms/step (load 3.4).
+The mask is built once per decode call already: the rows' and columns' slots are loop-invariant, and XLA
+hoists the compare out of the decode loop, so one mask per layer or per step would change nothing.
+(A `jax.lax.ragged_dot` grouped form, SGMV, was measured here before packing: XLA:CPU expands it into
+dense dots over every group with the other groups' rows masked, plus a sort and a scatter, and it was
+the slowest form in every case, 1.5x to 40x the fastest; it needs a per-slot [slots, in, R] layout,
+which packing removes, so it is gone.)
 """
 
 from __future__ import annotations
