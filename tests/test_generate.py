@@ -253,7 +253,8 @@ def test_decode_tied_logits_equal_the_plain_product(rows):
 
 
 def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
-    """The decode cache's rows are (batch row, kv head) pairs: [B * K, S, Dh], as `unstack_cache` lays it out."""
+    """The decode cache's rows are (batch row, kv head) pairs, as `unstack_cache` lays it out: keys
+    [B * K, Dh, S] (slot-minor), values [B * K, S, Dh]."""
     rng = np.random.default_rng(0)
     B, H, K, S, Dh = 3, 6, 2, 10, 8
     q_BxHxDh = rng.standard_normal((B, H, Dh), dtype=np.float32)
@@ -261,7 +262,7 @@ def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
     values_BxKxSxDh = rng.standard_normal((B, K, S, Dh), dtype=np.float32)
     mask_BxS = rng.random((B, S)) < 0.6
     mask_BxS[:, 0] = True
-    out = llama.one_token_attention(q_BxHxDh, keys_BxKxSxDh.reshape(B * K, S, Dh),
+    out = llama.one_token_attention(q_BxHxDh, keys_BxKxSxDh.transpose(0, 1, 3, 2).reshape(B * K, Dh, S),
                                     values_BxKxSxDh.reshape(B * K, S, Dh), mask_BxS, 0.3)
     expected = np.zeros((B, H, Dh), np.float32)
     for b in range(B):
