@@ -275,10 +275,11 @@ def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 4, 64])
 def test_decode_loop_updates_the_caches_in_place(varied_models, rows):
     """The compiled decode loop writes each layer's k/v cache once per step and copies none of them (at
-    batch 1 a [B, K, S, Dh] cache was written twice per step through 4 cache-sized copies)."""
+    batch 1 a [B, K, S, Dh] cache was written twice per step through 4 cache-sized copies), from batch 1
+    to a serving batch of 64 rows."""
     model = varied_models("llama3.2-tied")[0]
     cfg = model.cfg
     inputs = gen.decode_inputs(model, ragged_prompts(5, lengths=[7] * rows), 40, 0.0, 1.0, 0, 0, [], None, None)
