@@ -410,11 +410,11 @@ def attention_mask(q_slots_BxT, q_segments_BxT, k_slots_BxS, k_segments_BxS, sli
     return mask[:, None, :, :]
 
 
-def write_cache(cached, new_BxKxAxB, cache_index, slot_axis: int):
-    """`cached` with a chunk written at slot cache_index along slot_axis (-1: keys, slot-minor; -2:
-    values): a layer's cache stacked ([B, K, Dh, S] / [B, K, S, Dh]) or with its rows merged
-    ([B * K, Dh, S] / [B * K, S, Dh], `unstack_cache`); new_BxKxAxB is [B, K, ...] with T slots."""
-    new = new_BxKxAxB.astype(cached.dtype)
+def write_cache(cached, chunk, cache_index, slot_axis: int):
+    """`cached` with `chunk` written from slot cache_index on, along slot_axis (-1: keys, slot-minor;
+    -2: values). cached: a layer's keys / values, stacked ([B, K, Dh, S] / [B, K, S, Dh]) or with rows
+    merged ([B * K, Dh, S] / [B * K, S, Dh], `unstack_cache`); chunk: [B, K, Dh, T] / [B, K, T, Dh]."""
+    new = chunk.astype(cached.dtype)
     if cached.ndim == 3:
         new = new.reshape(-1, *new.shape[2:])
     start = [0] * cached.ndim
@@ -429,9 +429,10 @@ def one_token_attention(q_BxHxDh, keys_NxDhxS, values_NxSxDh, mask_BxS, scale):
     The keys are stored slot-minor ([Dh, S] per row, `init_cache`) so that both products read their
     cache operand in a matmul's natural layout: slot-major keys ([S, Dh], contracted over their minor
     axis) made the scores' product 4-5x slower than p x v on XLA:CPU (YNNPACK) and this whole function
-    1.5x (batch 64) to 1.25x (batch 1) slower (A/B below `init_cache`). float32 scores, softmax and
-    accumulation. (Multiply-reduce fusions over a [B, S, K, Dh] cache took 1.6-1.8x longer on XLA:CPU,
-    measured over 30 layers of SmolLM2-135M at batch 1 and 8.)"""
+    1.3x (batch 1) to 1.5x (batch 64; 1.9x at 512 slots) slower (the A/B figures: `init_cache`).
+    float32 scores, softmax and accumulation. (Multiply-reduce fusions over a [B, S, K, Dh] cache took
+    1.6-1.8x longer on XLA:CPU, measured over 30 layers of SmolLM2-135M at batch 1 and 8; over the
+    slot-minor keys, XLA runs a multiply-reduce at the speed of this dot.)"""
     B, H, Dh = q_BxHxDh.shape
     N = keys_NxDhxS.shape[0]
     f32 = jnp.float32
@@ -494,8 +495,9 @@ class Attention(nn.Module):
         if layer_cache is None:  # training / scoring: canonical batched dots, hand-written backward
             out_BxTxHxDh = attention(q_BxTxHxDh, keys, values, mask, 1.0 / math.sqrt(Dh))
         elif T == 1:  # decoding: read the cache in place, its rows (batch row, kv head) pairs
-            out_BxTxHxDh = one_token_attention(q_BxTxHxDh[:, 0], keys.reshape(B * K, Dh, S),
-                                               values.reshape(B * K, S, Dh), mask[:, 0, 0], 1.0 / math.sqrt(Dh))[:, None]
+            out_BxHxDh = one_token_attention(q_BxTxHxDh[:, 0], keys.reshape(B * K, Dh, S),
+                                             values.reshape(B * K, S, Dh), mask[:, 0, 0], 1.0 / math.sqrt(Dh))
+            out_BxTxHxDh = out_BxHxDh[:, None]
         else:  # prefill into a cache
             keys_BxSxKxDh = keys.reshape(B, K, Dh, S).transpose(0, 3, 1, 2).astype(dtype)
             values_BxSxKxDh = values.reshape(B, K, S, Dh).transpose(0, 2, 1, 3).astype(dtype)
@@ -601,11 +603,12 @@ class Llama(nn.Module):
     applies the head (`lm_head`) in chunks so the [B, T, V] logits never exist at once.
 
     cache: None (training / scoring) or a dict from `init_cache` whose `k` is [L, B, K, Dh, S], `v`
-    [L, B, K, S, Dh] and `segments` [L, B, S]; `cache_index` (int32 scalar) is where this call's T tokens are
-    written. Query row t attends to cache slots <= cache_index + t of its own segment.
+    [L, B, K, S, Dh] and `segments` [L, B, S]; `cache_index` (int32 scalar) is where this call's T
+    tokens are written. Query row t attends to cache slots <= cache_index + t of its own segment.
 
     unroll_layers=True (decoding): the layers run as a Python loop, with params `model/layers_{i}`
-    (`unstack_layers`) and the cache as a list of per-layer dicts (`unstack_cache`: keys [B * K, Dh, S], values [B * K, S, Dh]).
+    (`unstack_layers`) and the cache as a list of per-layer dicts (`unstack_cache`: keys [B * K, Dh, S],
+    values [B * K, S, Dh]).
     Same math; every layer's weights and cache are then separate buffers that XLA reads and updates in place, whereas
     a scan slices each layer's weights and cache out of the stack with a copy, on every step (on CPU
     that copy costs about as much as the step's matmuls). Compiles slower, so training keeps the scan.
