@@ -669,10 +669,10 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> d
     (p x v); segments [L, B, S] (0 = empty).
 
     Slot-minor keys against slot-major keys ([L, B, K, S, Dh]), A/B in one process, interleaved, best
-    of 15 (2 CPU cores shared, load 2.2-2.9). The whole decode step of SmolLM2-135M (float32, a third
-    of the cache filled): batch 64, 96 slots 155.9 -> 138.5 ms, 256 slots 224.0 -> 172.8 ms; batch 8,
-    96 slots 41.9 -> 40.1 ms, 512 slots 59.9 -> 51.4 ms; batch 1, 96 slots 34.1 -> 34.2 ms, 512 slots
-    26.9 -> 26.2 ms. 30 layers of one_token_attention alone at its shapes (K 3, G 3, Dh 64, load ~3):
+    of 15 (2 CPU cores, load 1.3-1.5). The whole decode step of SmolLM2-135M (float32, a third of the
+    cache filled): batch 64, 96 slots 155.9 -> 138.5 ms, 256 slots 221.9 -> 171.4 ms; batch 8, 96 slots
+    43.1 -> 40.9 ms, 512 slots 62.6 -> 52.7 ms; batch 1, 96 slots 25.1 -> 24.8 ms, 512 slots 27.8 ->
+    27.1 ms; the prefill unchanged (batch 64 x 32 tokens 2.89 s either way). 30 layers of one_token_attention alone at its shapes (K 3, G 3, Dh 64, load ~3):
     batch 64, 96 slots 31.1 -> 20.8 ms, 512 slots 226 -> 119 ms (~14 GB/s of cache read, near this
     machine's memory bandwidth); batch 8 3.8 -> 2.6 ms, 19.8 -> 16.2 ms; batch 1 0.30 -> 0.23 ms,
     2.6 -> 2.0 ms."""
