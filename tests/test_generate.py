@@ -267,7 +267,8 @@ def test_decode_tied_logits_equal_the_plain_product(rows):
 
 
 def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
-    """The decode cache's rows are (batch row, kv head) pairs: [B * K, S, Dh], as `unstack_cache` lays it out."""
+    """The decode cache's rows are (batch row, kv head) pairs, as `unstack_cache` lays it out: keys
+    [B * K, Dh, S] (slot-minor), values [B * K, S, Dh]."""
     rng = np.random.default_rng(0)
     B, H, K, S, Dh = 3, 6, 2, 10, 8
     q_BxHxDh = rng.standard_normal((B, H, Dh), dtype=np.float32)
@@ -275,7 +276,7 @@ def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
     values_BxKxSxDh = rng.standard_normal((B, K, S, Dh), dtype=np.float32)
     mask_BxS = rng.random((B, S)) < 0.6
     mask_BxS[:, 0] = True
-    out = llama.one_token_attention(q_BxHxDh, keys_BxKxSxDh.reshape(B * K, S, Dh),
+    out = llama.one_token_attention(q_BxHxDh, keys_BxKxSxDh.transpose(0, 1, 3, 2).reshape(B * K, Dh, S),
                                     values_BxKxSxDh.reshape(B * K, S, Dh), mask_BxS, 0.3)
     expected = np.zeros((B, H, Dh), np.float32)
     for b in range(B):
@@ -288,10 +289,11 @@ def test_one_token_attention_equals_masked_softmax_over_a_head_major_cache():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 4, 64])
 def test_decode_loop_updates_the_caches_in_place(varied_models, rows):
     """The compiled decode loop writes each layer's k/v cache once per step and copies none of them (at
-    batch 1 a [B, K, S, Dh] cache was written twice per step through 4 cache-sized copies)."""
+    batch 1 a [B, K, S, Dh] cache was written twice per step through 4 cache-sized copies), from batch 1
+    to a serving batch of 64 rows."""
     model = varied_models("llama3.2-tied")[0]
     cfg = model.cfg
     inputs = gen.decode_inputs(model, ragged_prompts(5, lengths=[7] * rows), 40, 0.0, 1.0, 0, 0, [], None, None)
