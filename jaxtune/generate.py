@@ -230,7 +230,9 @@ def select_tokens(logits_BxV, key, sampling: Sampling):
         logits_BxV = filter_top_k(logits_BxV, min(sampling.top_k, logits_BxV.shape[-1]))
     if sampling.top_p < 1.0:
         logits_BxV = filter_top_p(logits_BxV, sampling.top_p)
-    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+    # jax.random.categorical's own draw (the argmax of the logits plus Gumbel noise from `key`: the same
+    # noise, so the same tokens), its argmax taken by `greedy_tokens`.
+    return greedy_tokens(jax.random.gumbel(key, logits_BxV.shape, logits_BxV.dtype) + logits_BxV)
 
 
 def is_eos(token_B, eos_ids_E):

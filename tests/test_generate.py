@@ -146,6 +146,17 @@ def test_greedy_tokens_equal_argmax_with_ties_nan_and_infinities():
     np.testing.assert_array_equal(got[1:5], [7, 5, 0, 10])
 
 
+def test_sampled_tokens_equal_jax_random_categorical():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((16, 500)).astype(np.float32) * 3
+    logits[:, 100:] = -np.inf  # filtered out, as top-k / top-p leave them
+    for seed in range(5):
+        key = jax.random.key(seed)
+        got = gen.select_tokens(logits, key, gen.Sampling(temperature=1.0))
+        np.testing.assert_array_equal(got, jax.random.categorical(key, logits, axis=-1))
+        assert (np.asarray(got) < 100).all()
+
+
 def test_top_p_and_top_k_filters():
     logits = np.log(np.array([[0.05, 0.5, 0.15, 0.3]], np.float32))
     kept = np.isfinite(gen.filter_top_p(logits, 0.7))
