@@ -219,23 +219,25 @@ def bench_decode_steps(model, bank, wide_bank, adapters, names, repeats: int, ch
 
 def matmul_floor(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> tuple[float, float, float]:
     """(seconds of one decode step's dense weight matmuls alone at `batch` rows, their GFLOP, seconds of
-    the base prefill of `batch` prompts of prompt_len tokens into a cache of prompt_len + new_tokens slots), the best of `repeats` after a warm-up.
+    the base prefill of `batch` prompts of prompt_len tokens into a cache of prompt_len + new_tokens
+    slots), the best of `repeats` after a warm-up.
 
-    The matmuls: every layer's q/k/v/o/gate/up/down kernel and the output head (the tied embedding)
-    applied to random activations of `batch` rows, each product summed to a scalar so none is dropped
-    (the layers' dots in one compiled program, the head's in another); the same shapes and weights as `generate.decode_step`'s dots, without its
-    attention, norms, rotary, cache writes or token selection."""
+    The matmuls: every layer's q/k/v/o/gate/up/down kernel and the output head (`llama.lm_head`'s
+    kernel) applied to random activations of `batch` rows, each product summed to a scalar so none is
+    dropped (the layers' dots in one compiled program, the head's in another); the same shapes and
+    weights as `generate.decode_step`'s dots, without its attention, norms, rotary, cache writes or
+    token selection."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxtune import generate as gen
+    from jaxtune.models.llama import lm_head
 
     layers = gen.per_layer_params(model.params, model.cfg)["model"]
     kernels = [leaf for layer in range(model.cfg.num_layers)
                for leaf in jax.tree_util.tree_leaves(layers[f"layers_{layer}"]) if leaf.ndim == 2]
-    head_VxD = model.params["model"]["embed_tokens"]["embedding"] if model.cfg.tie_word_embeddings else None
-    head_DxV = None if head_VxD is not None else model.params["lm_head"]["kernel"]
+    head_kernel, _, _, head_spec = lm_head(model.params, model.cfg)
     widths = sorted({k.shape[0] for k in kernels})
     rng = np.random.default_rng(0)
     inputs = {w: jnp.asarray(rng.standard_normal((batch, w), np.float32)) for w in widths}
@@ -245,8 +247,8 @@ def matmul_floor(model, batch: int, prompt_len: int, new_tokens: int, repeats: i
         return sum(jnp.sum(inputs[k.shape[0]] @ k) for k in kernels)
 
     @jax.jit
-    def head_dot(head_VxD, head_DxV, x_BxD):
-        return jnp.sum(x_BxD @ head_VxD.T if head_VxD is not None else x_BxD @ head_DxV)
+    def head_dot(kernel, x_BxD):  # kernel [V, D] (tied) or [D, V]
+        return jnp.sum(x_BxD @ kernel.T if head_spec.kernel_is_VxD else x_BxD @ kernel)
 
     flops = 2 * batch * (sum(k.size for k in kernels) + model.cfg.vocab_size * model.cfg.hidden_size)
     tokens_BxP = jnp.asarray(rng.integers(3, model.cfg.vocab_size, (batch, prompt_len)), jnp.int32)
@@ -255,7 +257,7 @@ def matmul_floor(model, batch: int, prompt_len: int, new_tokens: int, repeats: i
     # Two programs: with the head's dot in the layers' program, XLA:CPU ran the whole ~25% slower than
     # the two apart (SmolLM2-135M, 64 rows: 135 vs 82 + 24 ms), and this is meant as a floor.
     dots = {"layers": lambda: jax.block_until_ready(layer_dots(kernels, inputs)),
-            "head": lambda: jax.block_until_ready(head_dot(head_VxD, head_DxV, inputs[model.cfg.hidden_size]))}
+            "head": lambda: jax.block_until_ready(head_dot(head_kernel, inputs[model.cfg.hidden_size]))}
     # The dots are timed apart from the prefill: the first program run after the 2.6 s prefill ran 30%
     # slower (layers' dots 111 vs 85 ms), whatever it was.
     best = interleaved_best(dots, max(repeats, 5))
